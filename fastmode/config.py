@@ -1,0 +1,60 @@
+"""Frozen configuration dataclasses shared by every layer; imports nothing of ours."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    """Shape of a Llama-family transformer (Llama, SmolLM2, Qwen2)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position: int = 2048
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2 has biases on q, k and v
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class DecodingDefaults:
+    """Decoding used when a request does not (or, on API 2026-10-21, cannot) set it."""
+
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    """Scheduling limits of one lane (fast or standard)."""
+
+    max_batch: int  # requests decoding together in one forward pass
+    max_tokens_per_step: int  # prefill + decode tokens in one forward pass
+    speculate: bool  # propose drafts and verify them
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs: memory, threads, lanes."""
+
+    num_threads: int = 0  # 0: torch's default for this machine
+    kv_cache_tokens: int = 65536
+    block_size: int = 16
+    prefill_chunk: int = 256  # prefill chunks end at multiples of this (absolute positions)
+    max_waiting: int = 256  # queued requests beyond this are refused with 529 overloaded
+    max_draft: int = 7  # most draft tokens verified in one step
+    fast_steps_per_standard: int = 1  # fast-lane steps run for each standard-lane step
+    invariant_numerics: bool = True  # pad rows so both lanes compute bit-identical logits
+    fast: LaneConfig = field(default_factory=lambda: LaneConfig(4, 256, True))
+    standard: LaneConfig = field(default_factory=lambda: LaneConfig(32, 256, False))
+    seed: int = 0

@@ -1,0 +1,192 @@
+"""The engine loop: admit, schedule a lane, run it, verify drafts, emit token deltas."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from fastmode.config import EngineConfig
+from fastmode.engine.block_manager import BlockManager
+from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
+from fastmode.engine.runner import Runner
+from fastmode.engine.sampler import probabilities, verify
+from fastmode.engine.scheduler import Scheduled, Scheduler
+from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup
+from fastmode.model.kv_cache import KVCache
+from fastmode.model.llama import Llama
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many requests are queued; the caller should answer 529 and the client retry."""
+
+
+class Engine:
+    """One model, one KV cache, two lanes. `add` and `abort` are thread-safe; `step` runs in
+    the engine thread (started by `start`) or directly in tests."""
+
+    def __init__(self, model: Llama, config: EngineConfig, eos_ids: list[int]) -> None:
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.model = model
+        self.eos = set(eos_ids)
+        self.max_len = model.arch.max_position
+        num_blocks = config.kv_cache_tokens // config.block_size
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.cache = KVCache(model.arch, num_blocks, config.block_size)
+        self.runner = Runner(model, self.cache, self.blocks, config.invariant_numerics)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.policy = DraftLengthPolicy(config.max_draft)
+        self.lookups: dict[str, PromptLookup] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.requests: dict[str, Request] = {}
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats = {"steps": 0, "drafted": 0, "accepted": 0}
+
+    # ---- thread-safe API -------------------------------------------------------------------
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
+            on_delta: Callable[[TokenDelta], None]) -> None:
+        if self.scheduler.num_waiting >= self.config.max_waiting:
+            raise EngineOverloaded(f"{self.scheduler.num_waiting} requests are already queued")
+        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, arrival=time.monotonic())
+        self._inbox.put(("add", req))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fastmode-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        self._drain_inbox()
+        for req in list(self.requests.values()):
+            self._finish(req, Status.FINISHED_ABORTED, [])
+
+    # ---- engine thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.scheduler.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            self.step()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._admit_new(item)  # type: ignore[arg-type]
+            elif (req := self.requests.get(item)) is not None:  # type: ignore[arg-type]
+                self._finish(req, Status.FINISHED_ABORTED, [])
+
+    def _admit_new(self, req: Request) -> None:
+        if len(req.prompt_ids) >= self.max_len or req.params.max_tokens <= 0 or not req.prompt_ids:
+            req.on_delta(TokenDelta(req.request_id, [], Status.FINISHED_LENGTH, len(req.prompt_ids)))
+            return
+        if self.blocks.blocks_for(req.token_budget) > self.blocks.num_blocks:
+            req.on_delta(TokenDelta(req.request_id, [], Status.FINISHED_ABORTED, len(req.prompt_ids)))
+            return
+        self.requests[req.request_id] = req
+        if req.lane is Lane.FAST or self.config.standard.speculate:
+            lookup = PromptLookup()
+            lookup.extend(req.prompt_ids)
+            self.lookups[req.request_id] = lookup
+        if not req.params.greedy:
+            g = torch.Generator()
+            g.manual_seed(req.params.seed if req.params.seed is not None else int(torch.randint(2**62, ()).item()))
+            self.generators[req.request_id] = g
+        self.scheduler.add(req)
+
+    def step(self) -> None:
+        """One round: the fast lane (possibly several times), then the standard lane."""
+        self._drain_inbox()
+        for _ in range(self.config.fast_steps_per_standard):
+            if not self._step_lane(Lane.FAST):
+                break
+        self._step_lane(Lane.STANDARD)
+        self.stats["steps"] += 1
+
+    def _step_lane(self, lane: Lane) -> bool:
+        plan = self.scheduler.schedule(lane)
+        if not plan:
+            return False
+        if self.scheduler.lane_config(lane).speculate:
+            self._propose(plan)
+        logits, ranges = self.runner.run(plan)
+        for item, (first, count) in zip(plan, ranges):
+            self._update(item, logits[first:first + count])
+        return True
+
+    def _propose(self, plan: list[Scheduled]) -> None:
+        rows = sum(item.num_tokens for item in plan)
+        for item in plan:
+            r = item.request
+            if r.in_prefill:
+                continue
+            room = r.token_budget - r.num_tokens - 1  # drafts + the verifier's token fit the budget
+            k = self.policy.choose(r.request_id, rows, self.runner.step_time, room)
+            item.drafts = self.lookups[r.request_id].propose(k)
+            rows += len(item.drafts)
+
+    def _update(self, item: Scheduled, logits: torch.Tensor) -> None:
+        r = item.request
+        if r.status.finished:
+            return
+        r.num_computed_tokens += item.num_tokens
+        if logits.shape[0] == 0:  # a prefill chunk that does not reach the prompt's end
+            return
+        gen = self.generators.get(r.request_id)
+        if item.drafts:
+            new = verify(logits, item.drafts, r.params, gen)
+            accepted = len(new) - 1
+            self.policy.observe(r.request_id, len(item.drafts), accepted)
+            self.stats["drafted"] += len(item.drafts)
+            self.stats["accepted"] += accepted
+            r.num_computed_tokens += accepted
+        elif r.params.greedy:
+            new = [int(logits[-1].argmax())]
+        else:
+            new = [int(torch.multinomial(probabilities(logits[-1:], r.params)[0], 1, generator=gen))]
+        status = Status.RUNNING
+        for i, tok in enumerate(new):
+            if tok in self.eos:
+                new, status = new[:i], Status.FINISHED_STOPPED
+                break
+        room = r.token_budget - r.num_tokens
+        if len(new) >= room and status is Status.RUNNING:
+            new = new[:room]
+            full = r.token_budget >= len(r.prompt_ids) + r.params.max_tokens
+            status = Status.FINISHED_LENGTH if full else Status.FINISHED_CONTEXT
+        r.output_ids.extend(new)
+        if r.request_id in self.lookups:
+            self.lookups[r.request_id].extend(new)
+        if status.finished:
+            self._finish(r, status, new, len(item.drafts), len(new) if item.drafts else 0)
+        else:
+            r.on_delta(TokenDelta(r.request_id, new, status, len(r.prompt_ids), len(item.drafts),
+                                  max(len(new) - 1, 0) if item.drafts else 0))
+
+    def _finish(self, r: Request, status: Status, new: list[int], drafted: int = 0, accepted: int = 0) -> None:
+        self.scheduler.finish(r, status)
+        self.requests.pop(r.request_id, None)
+        self.lookups.pop(r.request_id, None)
+        self.generators.pop(r.request_id, None)
+        self.policy.forget(r.request_id)
+        r.on_delta(TokenDelta(r.request_id, new, r.status, len(r.prompt_ids), drafted, accepted))

@@ -1,0 +1,85 @@
+"""An engine request: token ids in, the counters the scheduler advances, token deltas out."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+class Lane(str, enum.Enum):
+    STANDARD = "standard"
+    FAST = "fast"
+
+
+class Status(enum.IntEnum):
+    """Ordered: every status after RUNNING is finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_STOPPED = 2  # EOS token
+    FINISHED_LENGTH = 3  # max_tokens reached
+    FINISHED_CONTEXT = 4  # context window full
+    FINISHED_ABORTED = 5  # client gone, stop sequence hit, or shutdown
+
+    @property
+    def finished(self) -> bool:
+        return self > Status.RUNNING
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class TokenDelta:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]
+    status: Status
+    num_prompt_tokens: int
+    draft_tokens: int = 0  # drafts verified this step
+    accepted_tokens: int = 0  # drafts accepted this step
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    lane: Lane
+    on_delta: Callable[[TokenDelta], None]
+    max_len: int  # context window: prompt + output never exceed it
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    # Tokens [0, num_computed_tokens) have K/V in the cache.
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    draft_ids: list[int] = field(default_factory=list)  # proposed for the next step
+    arrival: float = 0.0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed_tokens < len(self.prompt_ids)
+
+    @property
+    def token_budget(self) -> int:
+        """Most tokens this request may still hold: prompt + max_tokens, within the window."""
+        return min(len(self.prompt_ids) + self.params.max_tokens, self.max_len)

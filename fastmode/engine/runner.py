@@ -1,0 +1,142 @@
+"""Turns a lane's plan into one forward pass over the paged cache; owns the torch side."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastmode.engine.block_manager import BlockManager
+from fastmode.engine.scheduler import Scheduled
+from fastmode.model.batch import ForwardBatch, Segment
+from fastmode.model.kv_cache import KVCache
+from fastmode.model.llama import Llama
+
+PROBE_MAX = 64
+PROBES = [*range(1, 17), 24, 32, 48]
+
+
+def invariant_row_counts(weights: list[torch.Tensor], probe_max: int = PROBE_MAX) -> list[int]:
+    """Row counts M (of PROBES, plus `probe_max`) for which every row of x[:M] @ W.T equals,
+    bit for bit, the same row computed in a batch of `probe_max` rows, for every weight given.
+    Row counts above `probe_max` take the large-batch GEMM path and count as invariant.
+
+    CPU GEMM libraries pick kernels by M (e.g. a matrix-vector path for M = 1), and their
+    float results differ in the last bits. Padding every pass to one of these row counts
+    makes a token's logits independent of what else was in its batch.
+    """
+    g = torch.Generator().manual_seed(0)
+    ok = set(PROBES)
+    for w in weights:
+        x = torch.randn(probe_max, w.shape[1], generator=g)
+        ref = F.linear(x, w)
+        ok = {m for m in ok if torch.equal(F.linear(x[:m], w), ref[:m])}
+    return sorted(ok | {probe_max})
+
+
+class Runner:
+    def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager, invariant: bool) -> None:
+        self.model, self.cache, self.blocks = model, cache, blocks
+        mats = [model.blocks[0].attn.qkv.weight, model.blocks[0].attn.o.weight,
+                model.blocks[0].mlp.gate_up.weight, model.blocks[0].mlp.down.weight, model.lm_head.weight]
+        self.sizes = invariant_row_counts([m.detach() for m in mats]) if invariant else []
+        self.pad_to = self._cheapest_padding(mats) if invariant else {}
+        self.step_seconds: dict[int, float] = {}  # padded rows -> running average of pass time
+
+    def _cheapest_padding(self, mats: list[torch.Tensor]) -> dict[int, int]:
+        """For small row counts, the invariant size at or above it whose pass is fastest
+        (a smaller padded size is not always faster: kernels differ by size)."""
+        small = [s for s in self.sizes if s <= 16]
+        cost = {}
+        for s in small:
+            x = [torch.randn(s, m.shape[1]) for m in mats]
+            F.linear(x[0], mats[0])
+            t0 = time.perf_counter()
+            for _ in range(3):
+                for xi, m in zip(x, mats):
+                    F.linear(xi, m)
+            cost[s] = time.perf_counter() - t0
+        return {rows: min((s for s in small if s >= rows), key=lambda s: cost[s])
+                for rows in range(1, max(small, default=0) + 1)}
+
+    def padded(self, rows: int) -> int:
+        if rows in self.pad_to:
+            return self.pad_to[rows]
+        for s in self.sizes:
+            if s >= rows:
+                return s
+        return rows
+
+    def step_time(self, rows: int) -> float:
+        """Estimated seconds of a pass with `rows` rows (measured; neighbours fill the gaps)."""
+        p = self.padded(rows)
+        if p in self.step_seconds:
+            return self.step_seconds[p]
+        known = sorted(self.step_seconds)
+        if not known:
+            return 1.0 + 0.01 * p  # before any measurement: roughly flat, growing slowly
+        below = [k for k in known if k <= p]
+        base = self.step_seconds[below[-1] if below else known[0]]
+        return base * (1.0 + 0.01 * (p - (below[-1] if below else known[0])))
+
+    def build(self, plan: list[Scheduled]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
+        """Return the batch and, per plan item, its (first, count) range in the logits."""
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        segments: list[Segment] = []
+        logit_rows: list[int] = []
+        ranges: list[tuple[int, int]] = []
+        bs = self.blocks.block_size
+        for item in plan:
+            r = item.request
+            start = r.num_computed_tokens
+            tokens = r.token_ids[start:start + item.num_tokens] + item.drafts
+            n = len(tokens)
+            row0 = len(ids)
+            ids += tokens
+            pos += range(start, start + n)
+            slots += [self.blocks.slot(r.block_ids, p) for p in range(start, start + n)]
+            table = torch.tensor(r.block_ids[: -(-(start + n) // bs)], dtype=torch.long)
+            kv_slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[: start + n]
+            prefill = r.in_prefill
+            mask = None
+            if prefill:
+                q_pos = torch.arange(start, start + n)[:, None]
+                mask = torch.arange(start + n)[None, :] <= q_pos
+            segments.append(Segment(row0, n, start, kv_slots, prefill, mask))
+            if prefill:
+                if start + n == len(r.prompt_ids):
+                    ranges.append((len(logit_rows), 1))
+                    logit_rows.append(row0 + n - 1)
+                else:
+                    ranges.append((len(logit_rows), 0))
+            else:
+                ranges.append((len(logit_rows), n))
+                logit_rows += range(row0, row0 + n)
+        real = len(ids)
+        total = self.padded(real)
+        ids += [0] * (total - real)
+        pos += [0] * (total - real)
+        n_logits = len(logit_rows)
+        logit_rows += [0] * (self.padded(max(n_logits, 1)) - n_logits)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(pos, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            num_real=real,
+            segments=segments,
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+        )
+        return batch, ranges
+
+    def run(self, plan: list[Scheduled]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        batch, ranges = self.build(plan)
+        t0 = time.perf_counter()
+        logits = self.model(batch, self.cache)
+        dt = time.perf_counter() - t0
+        rows = len(batch.input_ids)
+        if all(not s.is_prefill for s in batch.segments):  # the draft policy prices decode passes
+            old = self.step_seconds.get(rows)
+            self.step_seconds[rows] = dt if old is None else 0.8 * old + 0.2 * dt
+        return logits, ranges

@@ -1,0 +1,33 @@
+"""The tensors one forward pass needs: flat token rows, cache slots, attention segments."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Segment:
+    """The rows of one request in a forward pass.
+
+    Rows [row_start, row_start + num_rows) hold the tokens at absolute positions
+    [start_pos, start_pos + num_rows); `kv_slots` are the cache slots of positions
+    [0, start_pos + num_rows), so row j attends to kv_slots[: start_pos + j + 1].
+    """
+
+    row_start: int
+    num_rows: int
+    start_pos: int
+    kv_slots: torch.Tensor  # [start_pos + num_rows] int64
+    is_prefill: bool
+    mask: torch.Tensor | None = None  # [num_rows, start_pos + num_rows] bool, prefill only
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T] int64; rows >= num_real are padding
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [num_real] int64: where each real row's K/V is written
+    num_real: int
+    segments: list[Segment]
+    logit_rows: torch.Tensor  # [R] int64, rows whose logits are returned (may repeat for padding)

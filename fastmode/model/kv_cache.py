@@ -1,0 +1,26 @@
+"""The paged KV cache tensors: one slot per token, blocks of `block_size` slots."""
+from __future__ import annotations
+
+import torch
+
+from fastmode.config import ModelArch
+
+
+class KVCache:
+    def __init__(self, arch: ModelArch, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (arch.num_layers, num_blocks * block_size, arch.num_kv_heads, arch.head_dim)
+        # Zero-filled: unwritten slots are never read, but must never hold NaN either.
+        self.k = torch.zeros(shape)  # [layers, slots, kv_heads, head_dim]
+        self.v = torch.zeros(shape)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer].index_copy_(0, slots, k)
+        self.v[layer].index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
+
+    @staticmethod
+    def bytes_per_token(arch: ModelArch) -> int:
+        return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4

