@@ -1,0 +1,247 @@
+"""`fastmode bench`: TTFT and OTPS of any Anthropic-compatible endpoint, standard vs fast, over HTTP only."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+WORKLOADS = Path(__file__).parent / "workloads"
+
+
+@dataclass
+class Sample:
+    category: str
+    prompt: int
+    speed: str  # requested
+    served: str  # usage.speed reported
+    ttft: float  # seconds to the first text delta
+    otps: float  # output tokens after the first / seconds after the first token
+    output_tokens: int
+    text: str
+    background: bool = False
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--workload", default=str(WORKLOADS / "dev.jsonl"), help="JSONL workload file")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="standard streams kept running in the background while fast requests are measured")
+    p.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each prompt per speed")
+    p.add_argument("--max-tokens", type=int, default=None, help="override every prompt's max_tokens")
+    p.add_argument("--categories", default=None, help="comma-separated categories to run")
+    p.add_argument("--api-key", default="bench")
+    p.add_argument("--out", default="bench-results", help="folder for results.json and the plot")
+    p.add_argument("--fast-beta", action="store_true", help="send anthropic-beta: fast-mode-2026-02-01")
+
+
+def load_workload(path: str, categories: str | None) -> list[dict[str, Any]]:
+    items = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i + 1}: not valid JSON: {e}") from e
+        if "category" not in item or "messages" not in item:
+            raise ValueError(f"{path}:{i + 1}: each line needs `category` and `messages`")
+        items.append(item)
+    if categories:
+        wanted = set(categories.split(","))
+        items = [it for it in items if it["category"] in wanted]
+    if not items:
+        raise ValueError(f"{path}: no prompts to run")
+    return items
+
+
+async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model: str, item: dict[str, Any],
+                      speed: str, index: int, background: bool = False) -> Sample:
+    body = {"model": model, "max_tokens": args.max_tokens or item.get("max_tokens", 256),
+            "messages": item["messages"], "stream": True, "temperature": 0.0}
+    if item.get("system"):
+        body["system"] = item["system"]
+    if speed == "fast":
+        body["speed"] = "fast"
+    headers = {"x-api-key": args.api_key, "anthropic-version": "2023-06-01"}
+    if args.fast_beta:
+        headers["anthropic-beta"] = "fast-mode-2026-02-01"
+    t0 = time.perf_counter()
+    first = None
+    text, served, out_tokens, event = [], "standard", 0, None
+    async with client.stream("POST", "/v1/messages", json=body, headers=headers) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
+        async for line in r.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+                if event == "message_start":
+                    served = data["message"]["usage"].get("speed") or "standard"
+                elif event == "content_block_delta" and data["delta"].get("type") == "text_delta":
+                    if first is None:
+                        first = time.perf_counter()
+                    text.append(data["delta"]["text"])
+                elif event == "message_delta":
+                    out_tokens = data["usage"]["output_tokens"]
+                elif event == "error":
+                    raise RuntimeError(f"stream error: {data}")
+    end = time.perf_counter()
+    first = first or end
+    otps = (out_tokens - 1) / (end - first) if out_tokens > 1 and end > first else 0.0
+    return Sample(item["category"], index, speed, served, first - t0, otps, out_tokens, "".join(text), background)
+
+
+def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
+    """Per category: median OTPS and TTFT per speed, and the fast/standard ratios."""
+    table: dict[str, dict[str, float]] = {}
+    for cat in sorted({s.category for s in samples if not s.background}):
+        row: dict[str, float] = {}
+        for speed in ("standard", "fast"):
+            ss = [s for s in samples if s.category == cat and s.speed == speed and not s.background]
+            if ss:
+                row[f"{speed}_otps"] = statistics.median(s.otps for s in ss)
+                row[f"{speed}_ttft"] = statistics.median(s.ttft for s in ss)
+        if "standard_otps" in row and "fast_otps" in row:
+            row["otps_ratio"] = row["fast_otps"] / row["standard_otps"] if row["standard_otps"] else float("nan")
+            row["ttft_ratio"] = row["fast_ttft"] / row["standard_ttft"] if row["standard_ttft"] else float("nan")
+        table[cat] = row
+    return table
+
+
+def identical_outputs(samples: list[Sample]) -> tuple[int, int]:
+    """(prompts whose standard and fast texts were all identical, prompts compared)."""
+    same = total = 0
+    for key in {(s.category, s.prompt) for s in samples if not s.background}:
+        texts = {s.speed: set() for s in samples}
+        for s in samples:
+            if (s.category, s.prompt) == key and not s.background:
+                texts[s.speed].add(s.text)
+        if texts.get("standard") and texts.get("fast"):
+            total += 1
+            same += texts["standard"] == texts["fast"] and len(texts["standard"]) == 1
+    return same, total
+
+
+async def run_idle(client: httpx.AsyncClient, args: argparse.Namespace, model: str,
+                   items: list[dict[str, Any]]) -> list[Sample]:
+    samples = []
+    bar = tqdm(total=len(items) * args.repeats * 2, desc="bench (idle)", unit="req")
+    for rep in range(args.repeats):
+        for i, item in enumerate(items):
+            order = ("standard", "fast") if (rep + i) % 2 == 0 else ("fast", "standard")  # interleaved
+            for speed in order:
+                samples.append(await one_request(client, args, model, item, speed, i))
+                bar.update()
+    bar.close()
+    return samples
+
+
+async def run_loaded(client: httpx.AsyncClient, args: argparse.Namespace, model: str,
+                     items: list[dict[str, Any]]) -> list[Sample]:
+    """Keep `concurrency` standard streams running; measure fast requests one at a time meanwhile."""
+    samples: list[Sample] = []
+    stop = asyncio.Event()
+    measuring = asyncio.Event()
+
+    async def background(k: int) -> None:
+        j = k
+        while not stop.is_set():
+            item = items[j % len(items)]
+            s = await one_request(client, args, model, item, "standard", j % len(items), background=True)
+            if measuring.is_set() and not stop.is_set():
+                samples.append(s)
+            j += 1
+
+    tasks = [asyncio.create_task(background(k)) for k in range(args.concurrency)]
+    await asyncio.sleep(2.0)  # let the background streams get past their prefill
+    measuring.set()
+    bar = tqdm(total=len(items) * args.repeats, desc=f"bench (fast vs {args.concurrency} standard)", unit="req")
+    for _ in range(args.repeats):
+        for i, item in enumerate(items):
+            samples.append(await one_request(client, args, model, item, "fast", i))
+            bar.update()
+    bar.close()
+    stop.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return samples
+
+
+def plot(table: dict[str, dict[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(table)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, label in ((axes[0], "otps", "median output tokens/s"), (axes[1], "ttft", "median TTFT (s)")):
+        for j, speed in enumerate(("standard", "fast")):
+            vals = [table[c].get(f"{speed}_{metric}", 0.0) for c in cats]
+            ax.bar([x + 0.4 * j for x in range(len(cats))], vals, width=0.4, label=speed)
+        ax.set_xticks([x + 0.2 for x in range(len(cats))], cats, rotation=20, ha="right")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    items = load_workload(args.workload, args.categories)
+    async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(600.0)) as client:
+        model = args.model
+        if model is None:
+            r = await client.get("/v1/models", headers={"x-api-key": args.api_key, "anthropic-version": "2023-06-01"})
+            r.raise_for_status()
+            model = r.json()["data"][0]["id"]
+        if args.concurrency > 0:
+            samples = await run_loaded(client, args, model, items)
+        else:
+            samples = await run_idle(client, args, model, items)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.concurrency > 0:
+        std = [s.otps for s in samples if s.background]
+        fast = [s.otps for s in samples if not s.background]
+        result: dict[str, Any] = {"mode": "loaded", "concurrency": args.concurrency,
+                                  "standard_stream_median_otps": statistics.median(std) if std else None,
+                                  "fast_median_otps": statistics.median(fast) if fast else None}
+        if std and fast:
+            result["ratio"] = result["fast_median_otps"] / result["standard_stream_median_otps"]
+        print(json.dumps(result, indent=2))
+        table = {"loaded": {"standard_otps": result["standard_stream_median_otps"] or 0.0,
+                            "fast_otps": result["fast_median_otps"] or 0.0,
+                            "standard_ttft": statistics.median(s.ttft for s in samples if s.background) if std else 0.0,
+                            "fast_ttft": statistics.median(s.ttft for s in samples if not s.background) if fast else 0.0}}
+    else:
+        table = summarize(samples)
+        same, total = identical_outputs(samples)
+        result = {"mode": "idle", "model": model, "categories": table, "identical_outputs": [same, total]}
+        print(f"{'category':<14}{'std OTPS':>10}{'fast OTPS':>11}{'ratio':>7}{'std TTFT':>10}{'fast TTFT':>11}{'ratio':>7}")
+        for cat, row in table.items():
+            print(f"{cat:<14}{row.get('standard_otps', 0):>10.1f}{row.get('fast_otps', 0):>11.1f}"
+                  f"{row.get('otps_ratio', 0):>7.2f}{row.get('standard_ttft', 0):>10.3f}"
+                  f"{row.get('fast_ttft', 0):>11.3f}{row.get('ttft_ratio', 0):>7.2f}")
+        print(f"identical greedy outputs between speeds: {same}/{total} prompts")
+    result["samples"] = [asdict(s) for s in samples]
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plot(table, out / "bench.png", f"fastmode bench: {args.url} ({'idle' if not args.concurrency else f'{args.concurrency} standard streams'})")
+    print(f"results: {out / 'results.json'}, plot: {out / 'bench.png'}")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return asyncio.run(_main(args))

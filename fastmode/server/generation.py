@@ -1,0 +1,110 @@
+"""Bridges the engine thread to asyncio and turns token deltas into text with stop handling."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastmode.engine.engine import Engine
+from fastmode.engine.request import Lane, SamplingParams, Status, TokenDelta
+from fastmode.server.errors import new_id
+from fastmode.server.prompt import TOOL_OPEN
+from fastmode.tokenizer.tokenizer import IncrementalDecoder, Tokenizer
+
+_STOP_REASONS = {
+    Status.FINISHED_STOPPED: "end_turn",
+    Status.FINISHED_LENGTH: "max_tokens",
+    Status.FINISHED_CONTEXT: "model_context_window_exceeded",
+    Status.FINISHED_ABORTED: "end_turn",
+}
+
+
+@dataclass
+class Outcome:
+    """Filled in as a generation runs; complete once the iterator ends."""
+
+    text: str = ""  # all text emitted, stop sequence excluded
+    tail: str = ""  # text held back from streaming (a tool call), parsed at the end
+    output_tokens: int = 0
+    stop_reason: str | None = None
+    stop_sequence: str | None = None
+    drafted: int = 0
+    accepted: int = 0
+    deltas: list[str] = field(default_factory=list)
+
+
+class Generation:
+    """One request's run through the engine, as an async iterator of text deltas."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
+                 lane: Lane, stop_sequences: list[str], hold_tool_calls: bool) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
+        self.prompt_ids, self.params, self.lane = prompt_ids, params, lane
+        self.stops = stop_sequences
+        self.hold_tool_calls = hold_tool_calls
+        self.request_id = new_id("gen_")
+        self.outcome = Outcome()
+
+    def _holdback(self, text: str) -> int:
+        """Length of the longest suffix of `text` that may start a stop sequence or tool call."""
+        marks = self.stops + ([TOOL_OPEN] if self.hold_tool_calls else [])
+        best = 0
+        for s in marks:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+    def start(self) -> None:
+        """Queue the request in the engine; raises EngineOverloaded before anything is sent."""
+        loop = asyncio.get_running_loop()
+        self._inbox: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self.engine.add(self.request_id, self.prompt_ids, self.params, self.lane,
+                        lambda d: loop.call_soon_threadsafe(self._inbox.put_nowait, d))
+
+    async def stream(self) -> AsyncIterator[str]:
+        inbox = self._inbox
+        decoder = IncrementalDecoder(self.tokenizer)
+        out, text, sent = self.outcome, "", 0  # text[:sent] has been yielded
+        finished = False
+        try:
+            while not finished:
+                delta = await inbox.get()
+                out.output_tokens += len(delta.token_ids)
+                out.drafted += delta.draft_tokens
+                out.accepted += delta.accepted_tokens
+                text += decoder.push(delta.token_ids)
+                finished = delta.status.finished
+                if finished:
+                    out.stop_reason = _STOP_REASONS[delta.status]
+                cut = self._find_stop(text, sent)
+                if cut is not None:
+                    text, finished = cut, True
+                limit = len(text) if finished else len(text) - self._holdback(text)
+                if self.hold_tool_calls and TOOL_OPEN in text[: max(limit, sent)]:
+                    limit = min(limit, text.index(TOOL_OPEN))
+                if limit > sent:
+                    chunk, sent = text[sent:limit], limit
+                    out.deltas.append(chunk)
+                    yield chunk
+        finally:
+            if not finished:
+                self.engine.abort(self.request_id)  # client gone or cancelled: free the KV blocks now
+            elif out.stop_sequence is not None:
+                self.engine.abort(self.request_id)
+        out.text, out.tail = text[:sent], text[sent:]
+
+    def _find_stop(self, text: str, sent: int) -> str | None:
+        """Text up to the earliest stop sequence, if one has appeared; records which."""
+        if not self.stops:
+            return None
+        longest = max(len(s) for s in self.stops)
+        start = max(0, sent - longest)
+        hits = [(text.find(s, start), s) for s in self.stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return None
+        i, s = min(hits)
+        self.outcome.stop_reason, self.outcome.stop_sequence = "stop_sequence", s
+        return text[:i]

@@ -1,0 +1,99 @@
+"""Messages API content -> the model's prompt text, and model output text -> content blocks."""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastmode.server.errors import InvalidRequest, new_id
+from fastmode.server.validate import MessagesRequest
+from fastmode.tokenizer.chat_template import ChatTemplate, ChatTemplateError
+
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+_TOOL_CALL = re.compile(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(TOOL_CLOSE) + r"|$)", re.S)
+
+
+def _tool_prompt(tools: list[dict[str, Any]], choice: dict[str, Any] | None) -> str:
+    specs = "\n".join(json.dumps({"name": t["name"], "description": t.get("description", ""),
+                                  "input_schema": t.get("input_schema", {})}, ensure_ascii=False) for t in tools)
+    text = ("You can call these tools. To call one, reply with "
+            f'{TOOL_OPEN}{{"name": "<tool name>", "arguments": {{...}}}}{TOOL_CLOSE}\n<tools>\n{specs}\n</tools>')
+    if choice and choice.get("type") == "any":
+        text += "\nYou must call one of the tools."
+    elif choice and choice.get("type") == "tool":
+        text += f"\nYou must call the tool {choice['name']}."
+    return text
+
+
+def _block_text(block: dict[str, Any], where: str, model: str) -> str:
+    t = block["type"]
+    if t == "text":
+        return block["text"]
+    if t == "image":
+        raise InvalidRequest(f"{where}: model {model} is text-only and does not accept image input; "
+                             f"remove the image block or describe it in text")
+    if t == "document":
+        src = block.get("source") or {}
+        if src.get("type") == "text" and isinstance(src.get("data"), str):
+            return src["data"]
+        if src.get("type") == "content" and isinstance(src.get("content"), (list, str)):
+            inner = src["content"]
+            return inner if isinstance(inner, str) else "\n".join(
+                c.get("text", "") for c in inner if isinstance(c, dict))
+        raise InvalidRequest(f"{where}: model {model} reads only plain-text documents "
+                             f"(source type 'text' or 'content'), not {src.get('type')!r}")
+    if t == "search_result":
+        parts = [block.get("title", "")] + [c.get("text", "") for c in block.get("content", []) if isinstance(c, dict)]
+        return "\n".join(p for p in parts if p)
+    if t == "tool_use":
+        call = {"name": block["name"], "arguments": block.get("input", {})}
+        return f"{TOOL_OPEN}{json.dumps(call, ensure_ascii=False)}{TOOL_CLOSE}"
+    if t == "tool_result":
+        content = block.get("content", "")
+        if isinstance(content, list):
+            content = "\n".join(_block_text(c, where, model) for c in content if c.get("type") != "image")
+        return f"<tool_response>\n{content}\n</tool_response>"
+    return ""  # thinking and server-tool blocks carry nothing this model reads
+
+
+def render_prompt(req: MessagesRequest, template: ChatTemplate) -> str:
+    """The full prompt text; a final assistant message is a prefill the model continues."""
+    system = "\n\n".join(b["text"] for b in req.system)
+    if req.tools and (req.tool_choice or {}).get("type") != "none":
+        system = (system + "\n\n" if system else "") + _tool_prompt(req.tools, req.tool_choice)
+    turns: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for i, m in enumerate(req.messages):
+        text = "".join(_block_text(b, f"messages.{i}.content.{j}", req.model) for j, b in enumerate(m.blocks))
+        if turns and turns[-1]["role"] == m.role and m.role != "system":
+            turns[-1]["content"] += "\n\n" + text  # consecutive same-role turns are merged
+        else:
+            turns.append({"role": m.role, "content": text})
+    prefill = ""
+    if turns[-1]["role"] == "assistant":
+        prefill = turns.pop()["content"].rstrip()
+    try:
+        return template.render(turns, add_generation_prompt=True) + prefill
+    except ChatTemplateError as e:
+        raise InvalidRequest(f"messages: {e}") from e
+
+
+def parse_output(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Model text -> content blocks: text, then a tool_use block per well-formed tool call."""
+    if not tools or TOOL_OPEN not in text:
+        return [{"type": "text", "text": text}] if text else []
+    names = {t["name"] for t in tools}
+    head = text[: text.index(TOOL_OPEN)].rstrip()
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": head}] if head else []
+    for m in _TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(call, dict) or call.get("name") not in names:
+            continue
+        args = call.get("arguments", call.get("input", {}))
+        blocks.append({"type": "tool_use", "id": new_id("toolu_"), "name": call["name"],
+                       "input": args if isinstance(args, dict) else {}})
+    if not any(b["type"] == "tool_use" for b in blocks):
+        return [{"type": "text", "text": text}]
+    return blocks

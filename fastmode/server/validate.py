@@ -1,0 +1,212 @@
+"""Checks a Messages API request body field by field and returns a typed MessagesRequest."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastmode.server.errors import InvalidRequest
+
+API_VERSIONS = ("2023-06-01", "2026-10-21")
+ROLES = ("user", "assistant", "system")
+INPUT_BLOCKS = {"text", "image", "document", "search_result", "thinking", "redacted_thinking", "tool_use",
+                "tool_result", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+                "code_execution_tool_result", "bash_code_execution_tool_result",
+                "text_editor_code_execution_tool_result", "tool_search_tool_result", "container_upload"}
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+
+
+@dataclass
+class Message:
+    role: str
+    blocks: list[dict[str, Any]]  # content blocks; a string content becomes one text block
+
+
+@dataclass
+class MessagesRequest:
+    model: str
+    messages: list[Message]
+    max_tokens: int = 0
+    system: list[dict[str, Any]] = field(default_factory=list)
+    stop_sequences: list[str] = field(default_factory=list)
+    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: dict[str, Any] | None = None
+    speed: str = "standard"
+    service_tier: str | None = None
+    inference_geo: str | None = None
+    thinking: dict[str, Any] | None = None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _text_blocks(value: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}] if value else []
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{where}: Input should be a valid string or a list of text blocks")
+    for i, b in enumerate(value):
+        if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+            raise InvalidRequest(f"{where}.{i}: Input should be a text block with a string `text`")
+    return value
+
+
+def _content(value: Any, where: str) -> list[dict[str, Any]]:
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if not isinstance(value, list):
+        raise InvalidRequest(f"{where}: Input should be a valid string or a list of content blocks")
+    for i, b in enumerate(value):
+        w = f"{where}.{i}"
+        if not isinstance(b, dict):
+            raise InvalidRequest(f"{w}: Input should be a valid object")
+        t = b.get("type")
+        if t not in INPUT_BLOCKS:
+            raise InvalidRequest(f"{w}.type: Input tag {t!r} found using 'type' does not match any of the "
+                                 f"expected tags: {', '.join(sorted(INPUT_BLOCKS))}")
+        if t == "text" and not isinstance(b.get("text"), str):
+            raise InvalidRequest(f"{w}.text: Field required (a string)")
+        if t == "tool_use" and (not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str)
+                                or not isinstance(b.get("input", {}), dict)):
+            raise InvalidRequest(f"{w}: a tool_use block needs string `id` and `name` and an object `input`")
+        if t == "tool_result":
+            if not isinstance(b.get("tool_use_id"), str):
+                raise InvalidRequest(f"{w}.tool_use_id: Field required (a string)")
+            if "content" in b and not isinstance(b["content"], (str, list)):
+                raise InvalidRequest(f"{w}.content: Input should be a valid string or a list of blocks")
+            if isinstance(b.get("content"), list):
+                _content(b["content"], f"{w}.content")
+    return value
+
+
+def parse_messages_request(body: Any, version: str, *, for_count: bool = False) -> MessagesRequest:
+    """Validate the JSON body of POST /v1/messages (or count_tokens when `for_count`)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object")
+    model = body.get("model")
+    if model is None:
+        raise InvalidRequest("model: Field required")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model: Input should be a non-empty string")
+    max_tokens = 0
+    if not for_count:
+        if "max_tokens" not in body:
+            raise InvalidRequest("max_tokens: Field required")
+        max_tokens = body["max_tokens"]
+        if not _is_int(max_tokens) or max_tokens < 0:
+            raise InvalidRequest("max_tokens: Input should be a non-negative integer")
+    raw = body.get("messages")
+    if raw is None:
+        raise InvalidRequest("messages: Field required")
+    if not isinstance(raw, list):
+        raise InvalidRequest("messages: Input should be a valid list")
+    if not raw:
+        raise InvalidRequest("messages: at least one message is required")
+    messages: list[Message] = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages.{i}: Input should be a valid object with `role` and `content`")
+        role = m.get("role")
+        if role not in ROLES:
+            raise InvalidRequest(f"messages.{i}.role: Input should be 'user', 'assistant' or 'system'")
+        if "content" not in m:
+            raise InvalidRequest(f"messages.{i}.content: Field required")
+        blocks = (_text_blocks(m["content"], f"messages.{i}.content") if role == "system"
+                  else _content(m["content"], f"messages.{i}.content"))
+        if version == "2026-10-21":
+            _check_2026_rules(role, blocks, i)
+        messages.append(Message(role, blocks))
+    if messages[0].role == "assistant":
+        raise InvalidRequest("messages: the first message must use the `user` role")
+    req = MessagesRequest(model=model, messages=messages, max_tokens=max_tokens)
+    if "system" in body and body["system"] is not None:
+        req.system = _text_blocks(body["system"], "system")
+    if not for_count:
+        stops = body.get("stop_sequences")
+        if stops is not None:
+            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                raise InvalidRequest("stop_sequences: Input should be a list of strings")
+            if any(not s for s in stops):
+                raise InvalidRequest("stop_sequences: each stop sequence must be a non-empty string")
+            req.stop_sequences = stops
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise InvalidRequest("stream: Input should be a valid boolean")
+        req.stream = bool(stream)
+        _sampling(body, version, req)
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InvalidRequest("tools: Input should be a valid list")
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
+                raise InvalidRequest(f"tools.{i}.name: Field required (a non-empty string)")
+            if t.get("type") in (None, "custom") and not isinstance(t.get("input_schema"), dict):
+                raise InvalidRequest(f"tools.{i}.input_schema: Field required (a JSON schema object)")
+        req.tools = tools
+    tc = body.get("tool_choice")
+    if tc is not None:
+        if not isinstance(tc, dict) or tc.get("type") not in ("auto", "any", "tool", "none"):
+            raise InvalidRequest("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
+        if tc["type"] == "tool" and not isinstance(tc.get("name"), str):
+            raise InvalidRequest("tool_choice.name: Field required when type is 'tool'")
+        req.tool_choice = tc
+    speed = body.get("speed")
+    if speed is not None and speed not in ("standard", "fast"):
+        raise InvalidRequest("speed: Input should be 'standard' or 'fast'")
+    req.speed = speed or "standard"
+    tier = body.get("service_tier")
+    if tier is not None and tier not in ("auto", "standard_only"):
+        raise InvalidRequest("service_tier: Input should be 'auto' or 'standard_only'")
+    req.service_tier = tier
+    geo = body.get("inference_geo")
+    if geo is not None and not isinstance(geo, str):
+        raise InvalidRequest("inference_geo: Input should be a valid string")
+    req.inference_geo = geo
+    thinking = body.get("thinking")
+    if thinking is not None:
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive", "disabled", "between_tools"):
+            raise InvalidRequest("thinking.type: Input should be 'enabled', 'adaptive', 'disabled' or 'between_tools'")
+        if thinking["type"] == "enabled":
+            budget = thinking.get("budget_tokens")
+            if not _is_int(budget) or budget < 1024:
+                raise InvalidRequest("thinking.budget_tokens: Input should be an integer >= 1024")
+            if not for_count and budget >= max_tokens:
+                raise InvalidRequest("thinking.budget_tokens: must be less than max_tokens")
+        req.thinking = thinking
+    return req
+
+
+def _check_2026_rules(role: str, blocks: list[dict[str, Any]], i: int) -> None:
+    for j, b in enumerate(blocks):
+        if role == "assistant" and b.get("type") == "document":
+            raise InvalidRequest(f"messages.{i}.content.{j}: `document` blocks are not allowed in assistant "
+                                 f"messages with anthropic-version 2026-10-21")
+        cited = [b] + ([c for c in b.get("content", []) if isinstance(c, dict)] if b.get("type") == "search_result" else [])
+        if role == "user" and any(c.get("type") == "text" and c.get("citations") for c in cited):
+            raise InvalidRequest(f"messages.{i}.content.{j}: text blocks with citations are not allowed in user "
+                                 f"messages with anthropic-version 2026-10-21")
+
+
+def _sampling(body: dict[str, Any], version: str, req: MessagesRequest) -> None:
+    present = [f for f in SAMPLING_FIELDS if f in body]
+    if version == "2026-10-21" and present:
+        raise InvalidRequest(f"{present[0]}: is not supported with anthropic-version 2026-10-21; remove "
+                             f"{', '.join(present)} (the model's default decoding applies) or send "
+                             f"anthropic-version: 2023-06-01")
+    t, p, k = body.get("temperature"), body.get("top_p"), body.get("top_k")
+    if t is not None and (not _is_number(t) or not 0.0 <= t <= 1.0):
+        raise InvalidRequest("temperature: Input should be a number between 0 and 1")
+    if p is not None and (not _is_number(p) or not 0.0 < p <= 1.0):
+        raise InvalidRequest("top_p: Input should be a number greater than 0 and at most 1")
+    if k is not None and (not _is_int(k) or k < 0):
+        raise InvalidRequest("top_k: Input should be a non-negative integer")
+    req.temperature, req.top_p, req.top_k = t, p, k
