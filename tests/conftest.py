@@ -1,0 +1,66 @@
+"""Shared fixtures: the tiny random model, engines over it, and real servers on loopback."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import uvicorn
+
+from fastmode.config import EngineConfig
+from fastmode.engine.engine import Engine
+from fastmode.server.app import ServerState, build_state, create_app
+from fastmode.weights.registry import LoadedModel, load_model
+
+
+@pytest.fixture(scope="session")
+def tiny() -> LoadedModel:
+    return load_model("tiny-random")
+
+
+def small_engine_config(**overrides) -> EngineConfig:
+    base = dict(kv_cache_tokens=4096, block_size=16, prefill_chunk=32)
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+@pytest.fixture
+def make_engine(tiny: LoadedModel):
+    def make(**overrides) -> Engine:
+        return Engine(tiny.model, small_engine_config(**overrides), tiny.tokenizer.eos_ids)
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(state: ServerState) -> Iterator[str]:
+    """Serve `state` with uvicorn on a free loopback port; yield the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny: LoadedModel) -> Iterator[tuple[str, ServerState]]:
+    state = build_state(tiny, small_engine_config())
+    with running_server(state) as url:
+        yield url, state

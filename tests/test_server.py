@@ -1,0 +1,161 @@
+"""The HTTP API on the tiny random model, through the official SDK and raw HTTP."""
+import json
+import time
+
+import anthropic
+import httpx
+import pytest
+
+from conftest import running_server, small_engine_config
+from fastmode.server.app import build_state
+
+MODEL = "tiny-random"
+V = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
+
+
+@pytest.fixture(scope="module")
+def url(tiny_server):
+    return tiny_server[0]
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return anthropic.Anthropic(base_url=url, api_key="test-key", max_retries=0)
+
+
+def test_create_reports_lane_in_usage_speed(client):
+    msg = {"role": "user", "content": "hello hello hello"}
+    std = client.messages.create(model=MODEL, max_tokens=12, messages=[msg])
+    fast = client.messages.create(model=MODEL, max_tokens=12, messages=[msg], speed="fast")
+    assert std.usage.speed == "standard" and fast.usage.speed == "fast"
+    assert std.content[0].text == fast.content[0].text  # greedy default decoding on 2026-10-21
+    assert std.usage.output_tokens == 12 and std.stop_reason == "max_tokens"
+    assert std.id.startswith("msg_") and std._request_id.startswith("req_")
+
+
+def test_stream_matches_create_and_carries_speed(client):
+    kw = dict(model=MODEL, max_tokens=15, messages=[{"role": "user", "content": "abc abc"}])
+    full = client.messages.create(**kw)
+    with client.messages.stream(speed="fast", **kw) as s:
+        text = "".join(s.text_stream)
+        final = s.get_final_message()
+    assert text == full.content[0].text == final.content[0].text
+    assert final.usage.speed == "fast" and final.usage.output_tokens == 15
+
+
+def test_beta_namespace_with_fast_mode_header(client):
+    m = client.beta.messages.create(model=MODEL, max_tokens=5, speed="fast", betas=["fast-mode-2026-02-01"],
+                                    messages=[{"role": "user", "content": "x"}])
+    assert m.usage.speed == "fast"
+
+
+def test_sse_event_sequence(url):
+    body = {"model": MODEL, "max_tokens": 6, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", url + "/v1/messages?beta=true", json=body, headers=V) as r:
+        assert r.headers["content-type"].startswith("text/event-stream") and r.headers["request-id"].startswith("req_")
+        events = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-2:] == ["message_delta", "message_stop"]
+    core = [e for e in events if e != "ping"]
+    assert core[1] == "content_block_start" and core[-3] == "content_block_stop"
+    assert set(core[2:-3]) == {"content_block_delta"}
+
+
+def test_temperature_rules_per_api_version(url, client):
+    body = {"model": MODEL, "max_tokens": 3, "temperature": 0.5, "messages": [{"role": "user", "content": "hi"}]}
+    ok = httpx.post(url + "/v1/messages", json=body, headers=V)
+    assert ok.status_code == 200
+    with pytest.raises(anthropic.BadRequestError, match="temperature"):
+        client.messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}],
+                               extra_body={"temperature": 0.5})
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens: Field required"),
+    ({"model": MODEL, "max_tokens": "5", "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ({"model": MODEL, "max_tokens": 5, "messages": "hi"}, 400, "messages: Input should be a valid list"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "bot", "content": "x"}]}, 400, "role"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "video"}]}]}, 400, "video"),
+    ({"model": MODEL, "max_tokens": 5, "speed": "turbo", "messages": [{"role": "user", "content": "x"}]}, 400, "speed"),
+    ({"model": MODEL, "max_tokens": 5, "stop_sequences": [1], "messages": [{"role": "user", "content": "x"}]}, 400, "stop_sequences"),
+    ({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, 404, "nope"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, 400, "image"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "prompt is too long"),
+    ({"model": MODEL, "max_tokens": 10 ** 6, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+])
+def test_bad_input_gets_a_4xx_anthropic_error(url, body, status, needle):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + "/v1/messages", content=data, headers={**V, "content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert err["type"] == "error" and needle in err["error"]["message"]
+    assert r.headers["request-id"] == err["request_id"]
+
+
+def test_headers_and_routes(url):
+    r = httpx.post(url + "/v1/messages", json={}, headers={"x-api-key": "k"})
+    assert r.status_code == 400 and "anthropic-version" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/messages", json={}, headers={"x-api-key": "k", "anthropic-version": "1999-01-01"})
+    assert r.status_code == 400
+    r = httpx.get(url + "/v1/nothing-here", headers=V)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error" and "request-id" in r.headers
+    r = httpx.get(url + "/v1/messages", headers=V)
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(url + "/v1/messages", json=body, headers={"authorization": "Bearer abc",
+                                                             "anthropic-version": "2026-10-21",
+                                                             "anthropic-beta": "some-future-beta,fast-mode-2026-02-01"})
+    assert r.status_code == 200
+
+
+def test_count_tokens_and_models(client):
+    n = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hello"}])
+    m = client.messages.create(model=MODEL, max_tokens=1, messages=[{"role": "user", "content": "hello"}])
+    assert n.input_tokens == m.usage.input_tokens > 0
+    models = client.models.list()
+    assert [x.id for x in models.data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("other")
+
+
+def test_stop_sequences_and_max_tokens_zero(client):
+    base = client.messages.create(model=MODEL, max_tokens=30, messages=[{"role": "user", "content": "stop test"}])
+    text = base.content[0].text
+    stop = text[5:7]
+    assert len(stop) == 2
+    cut = client.messages.create(model=MODEL, max_tokens=30, stop_sequences=[stop],
+                                 messages=[{"role": "user", "content": "stop test"}])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert "".join(b.text for b in cut.content) == text[: text.index(stop)]
+    zero = client.messages.create(model=MODEL, max_tokens=0, messages=[{"role": "user", "content": "x"}])
+    assert zero.content == [] and zero.usage.output_tokens == 0 and zero.stop_reason == "max_tokens"
+
+
+def test_client_disconnect_frees_kv_blocks(tiny_server):
+    url, state = tiny_server
+    total = state.engine.blocks.num_blocks
+    body = {"model": MODEL, "max_tokens": 2000, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    with httpx.stream("POST", url + "/v1/messages", json=body, headers=V) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: content_block_delta"):
+                assert state.engine.blocks.num_free < total
+                break
+    deadline = time.monotonic() + 10
+    while state.engine.blocks.num_free != total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.engine.blocks.num_free == total
+
+
+def test_api_keys_and_overload(tiny):
+    state = build_state(tiny, small_engine_config(max_waiting=0), api_keys=frozenset({"good"}))
+    with running_server(state) as url:
+        bad = anthropic.Anthropic(base_url=url, api_key="bad", max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError):
+            bad.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x"}])
+        good = anthropic.Anthropic(base_url=url, api_key="good", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError) as e:  # 529 overloaded_error
+            good.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == 529 and e.value.body["error"]["type"] == "overloaded_error"
