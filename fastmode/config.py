@@ -53,7 +53,10 @@ class EngineConfig:
     prefill_chunk: int = 256  # prefill chunks end at multiples of this (absolute positions)
     max_waiting: int = 256  # queued requests beyond this are refused with 529 overloaded
     max_draft: int = 7  # most draft tokens verified in one step
-    fast_steps_per_standard: int = 1  # fast-lane steps run for each standard-lane step
+    # When both lanes are busy the fast lane gets enough passes per standard pass for its
+    # requests to run at least `fast_share_target` times a standard stream's speed.
+    fast_share_target: float = 2.5
+    max_fast_steps_per_standard: int = 4
     invariant_numerics: bool = True  # pad rows so both lanes compute bit-identical logits
     fast: LaneConfig = field(default_factory=lambda: LaneConfig(4, 256, True))
     standard: LaneConfig = field(default_factory=lambda: LaneConfig(32, 256, False))

@@ -162,3 +162,18 @@ def test_invariant_row_counts_are_really_invariant(make_engine):
         m = r.padded(rows)
         assert m >= rows
         assert torch.equal(torch.nn.functional.linear(x[:m], w), ref[:m])
+
+
+def test_fast_lane_gets_enough_passes_to_hold_its_target_ratio(make_engine):
+    engine = make_engine()
+    engine.add("f", prompts(1)[0], SamplingParams(max_tokens=50), Lane.FAST, lambda d: None)
+    engine.step()
+    assert engine.fast_passes() == 1  # standard lane idle: nothing to share with
+    engine.add("s", prompts(1)[0], SamplingParams(max_tokens=50), Lane.STANDARD, lambda d: None)
+    engine.step()
+    engine.tokens_per_pass["f"] = 1.0  # no draft accepted: three passes per standard pass for 2.5x
+    assert engine.fast_passes() == 3
+    engine.tokens_per_pass["f"] = 3.8  # copy-heavy: speculation alone holds the ratio
+    assert engine.fast_passes() == 1
+    engine.tokens_per_pass["f"] = 0.1
+    assert engine.fast_passes() == engine.config.max_fast_steps_per_standard

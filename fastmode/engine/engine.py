@@ -1,6 +1,7 @@
 """The engine loop: admit, schedule a lane, run it, verify drafts, emit token deltas."""
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -48,6 +49,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0}
+        self.tokens_per_pass: dict[str, float] = {}  # fast requests: running average of tokens a pass
 
     # ---- thread-safe API -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
@@ -114,10 +116,21 @@ class Engine:
             self.generators[req.request_id] = g
         self.scheduler.add(req)
 
+    def fast_passes(self) -> int:
+        """Fast passes per standard pass: a standard stream gains one token a round and a fast
+        request its tokens-per-pass each pass, so the slowest fast request needs this many
+        passes to hold the target ratio."""
+        fast = self.scheduler.running[Lane.FAST]
+        if not fast or not (self.scheduler.running[Lane.STANDARD] or self.scheduler.waiting[Lane.STANDARD]):
+            return 1
+        slowest = min(self.tokens_per_pass.get(r.request_id, 1.0) for r in fast)
+        need = math.ceil(self.config.fast_share_target / max(slowest, 0.25) - 1e-9)
+        return max(1, min(self.config.max_fast_steps_per_standard, need))
+
     def step(self) -> None:
-        """One round: the fast lane (possibly several times), then the standard lane."""
+        """One round: the fast lane (as many passes as `fast_passes`), then the standard lane."""
         self._drain_inbox()
-        for _ in range(self.config.fast_steps_per_standard):
+        for _ in range(self.fast_passes()):
             if not self._step_lane(Lane.FAST):
                 break
         self._step_lane(Lane.STANDARD)
@@ -175,6 +188,9 @@ class Engine:
             full = r.token_budget >= len(r.prompt_ids) + r.params.max_tokens
             status = Status.FINISHED_LENGTH if full else Status.FINISHED_CONTEXT
         r.output_ids.extend(new)
+        if r.lane is Lane.FAST:
+            old = self.tokens_per_pass.get(r.request_id, 1.0)
+            self.tokens_per_pass[r.request_id] = 0.7 * old + 0.3 * max(len(new), 1)
         if r.request_id in self.lookups:
             self.lookups[r.request_id].extend(new)
         if status.finished:
@@ -189,4 +205,5 @@ class Engine:
         self.lookups.pop(r.request_id, None)
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
+        self.tokens_per_pass.pop(r.request_id, None)
         r.on_delta(TokenDelta(r.request_id, new, r.status, len(r.prompt_ids), drafted, accepted))

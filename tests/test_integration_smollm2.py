@@ -1,0 +1,64 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) served for real, with the official SDK as client."""
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import pytest
+
+from conftest import running_server
+from fastmode.bench.runner import WORKLOADS
+from fastmode.config import EngineConfig
+from fastmode.server.app import build_state
+from fastmode.weights.registry import DEFAULT_MODEL, load_model
+
+
+@pytest.fixture(scope="module")
+def client():
+    state = build_state(load_model(DEFAULT_MODEL), EngineConfig(kv_cache_tokens=16384))
+    with running_server(state) as url:
+        yield anthropic.Anthropic(base_url=url, api_key="test", max_retries=0)
+
+
+def test_create_answers_sensibly(client):
+    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=30,
+                               messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in m.content[0].text
+    assert m.stop_reason in ("end_turn", "max_tokens") and m.usage.speed == "standard"
+    assert m.usage.input_tokens > 10 and 0 < m.usage.output_tokens <= 30
+
+
+def test_stream_and_beta_fast_give_the_same_text(client):
+    kw = dict(model=DEFAULT_MODEL, max_tokens=40, messages=[{"role": "user", "content": "Name three colors."}])
+    with client.messages.stream(**kw) as s:
+        streamed = "".join(s.text_stream)
+        final = s.get_final_message()
+    fast = client.beta.messages.create(speed="fast", betas=["fast-mode-2026-02-01"], **kw)
+    assert streamed == final.content[0].text == fast.content[0].text
+    assert final.usage.speed == "standard" and fast.usage.speed == "fast"
+
+
+def test_tools_are_accepted(client):
+    tools = [{"name": "get_weather", "description": "Current weather for a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    m = client.messages.create(model=DEFAULT_MODEL, max_tokens=40, tools=tools,
+                               messages=[{"role": "user", "content": "What's the weather in Paris?"}])
+    assert m.stop_reason in ("end_turn", "max_tokens", "tool_use") and m.content
+
+
+def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(client):
+    items = [json.loads(line) for line in (WORKLOADS / "dev.jsonl").read_text().splitlines() if line.strip()]
+
+    def ask(item, speed):
+        kw = dict(model=DEFAULT_MODEL, max_tokens=48, messages=item["messages"])
+        if item.get("system"):
+            kw["system"] = item["system"]
+        m = client.messages.create(speed=speed, **kw)
+        assert m.usage.speed == speed
+        return m.content[0].text if m.content else ""
+
+    with ThreadPoolExecutor(4) as pool:  # several requests share each lane's batch
+        standard = list(pool.map(lambda it: ask(it, "standard"), items))
+        fast = list(pool.map(lambda it: ask(it, "fast"), items))
+    assert len(items) >= 15
+    for item, s, f in zip(items, standard, fast):
+        assert s == f, f"lanes differ on a {item['category']} prompt"

@@ -1,0 +1,32 @@
+import pytest
+
+from fastmode.cli import build_parser
+from fastmode.settings import SettingsError, load_settings
+
+
+def test_example_config_loads(tmp_path):
+    server, cfg = load_settings("examples/fastmode.toml")
+    assert server["model"] == "smollm2-135m-instruct"
+    assert cfg.fast.max_batch == 4 and cfg.fast.speculate and not cfg.standard.speculate
+
+
+def test_unknown_settings_are_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\nkv_cache_tokenz = 5\n")
+    with pytest.raises(SettingsError, match="kv_cache_tokenz"):
+        load_settings(bad)
+    bad.write_text("[engine.fast]\nmax_bach = 2\n")
+    with pytest.raises(SettingsError, match="max_bach"):
+        load_settings(bad)
+    bad.write_text("not = [toml")
+    with pytest.raises(SettingsError):
+        load_settings(bad)
+
+
+def test_cli_parses_the_documented_commands():
+    p = build_parser()
+    a = p.parse_args(["serve", "--host", "0.0.0.0", "--port", "9000", "--model", "tiny-random", "--config", "x.toml"])
+    assert (a.host, a.port, a.model, a.config) == ("0.0.0.0", 9000, "tiny-random", "x.toml")
+    assert p.parse_args(["pull"]).model == "smollm2-135m-instruct"
+    b = p.parse_args(["bench", "--url", "http://127.0.0.1:8000", "--concurrency", "8"])
+    assert b.concurrency == 8 and b.workload.endswith("dev.jsonl")
