@@ -177,3 +177,31 @@ def test_fast_lane_gets_enough_passes_to_hold_its_target_ratio(make_engine):
     assert engine.fast_passes() == 1
     engine.tokens_per_pass["f"] = 0.1
     assert engine.fast_passes() == engine.config.max_fast_steps_per_standard
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(make_engine):
+    import threading
+
+    engine = make_engine()
+    real_run = engine.runner.run
+    engine.runner.run = lambda plan: (_ for _ in ()).throw(RuntimeError("boom"))
+    done = {}
+    events = {k: threading.Event() for k in ("a", "b")}
+
+    def cb(key):
+        def on(d):
+            if d.status.finished:
+                done[key] = d.status
+                events[key].set()
+        return on
+
+    engine.start()
+    try:
+        engine.add("a", prompts(1)[0], SamplingParams(max_tokens=5), Lane.FAST, cb("a"))
+        assert events["a"].wait(30) and done["a"] is Status.FINISHED_ERROR
+        engine.runner.run = real_run
+        engine.add("b", prompts(1)[0], SamplingParams(max_tokens=5), Lane.FAST, cb("b"))
+        assert events["b"].wait(30) and done["b"] is Status.FINISHED_LENGTH
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.shutdown()

@@ -159,3 +159,34 @@ def test_api_keys_and_overload(tiny):
         with pytest.raises(anthropic.InternalServerError) as e:  # 529 overloaded_error
             good.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x"}])
         assert e.value.status_code == 529 and e.value.body["error"]["type"] == "overloaded_error"
+
+
+def test_request_larger_than_the_kv_cache_is_a_clear_400(tiny):
+    state = build_state(tiny, small_engine_config(kv_cache_tokens=64))
+    with running_server(state) as url:
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.BadRequestError, match="kv-cache-tokens"):
+            c.messages.create(model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "x"}])
+
+
+def test_random_malformed_bodies_never_get_a_5xx(url):
+    """Replace one field at a time with values of every wrong type."""
+    import random
+
+    rng = random.Random(0)
+    valid = {"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}], "system": "s",
+             "stop_sequences": ["x"], "stream": False, "temperature": 0.5, "top_p": 0.9, "top_k": 5,
+             "tools": [{"name": "t", "input_schema": {"type": "object"}}], "tool_choice": {"type": "auto"},
+             "speed": "fast", "service_tier": "auto", "metadata": {"user_id": "u"}, "thinking": {"type": "disabled"}}
+    junk = [None, True, -1, 0, 2.5, "", "x", [], [1], {}, {"type": "zzz"}, [{"role": "user"}], [{"type": "text"}],
+            [{"role": "user", "content": [{"type": "tool_result"}]}], [{"role": "assistant", "content": "a"}]]
+    for _ in range(150):
+        body = json.loads(json.dumps(valid))
+        for field in rng.sample(sorted(valid), rng.randrange(1, 3)):
+            body[field] = rng.choice(junk)
+        if rng.random() < 0.2:
+            body.pop(rng.choice(sorted(body)))
+        r = httpx.post(url + "/v1/messages", json=body, headers=V, timeout=60)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code != 200:
+            assert r.json()["type"] == "error"

@@ -178,6 +178,22 @@ async def run_loaded(client: httpx.AsyncClient, args: argparse.Namespace, model:
     return samples
 
 
+def loaded_table(samples: list[Sample]) -> dict[str, dict[str, float]]:
+    """Per category: fast medians against the median of all background standard streams."""
+    std = [s for s in samples if s.background]
+    std_otps = statistics.median(s.otps for s in std) if std else 0.0
+    std_ttft = statistics.median(s.ttft for s in std) if std else 0.0
+    table = {}
+    for cat in sorted({s.category for s in samples if not s.background}):
+        fast = [s for s in samples if s.category == cat and not s.background]
+        row = {"standard_otps": std_otps, "standard_ttft": std_ttft,
+               "fast_otps": statistics.median(s.otps for s in fast),
+               "fast_ttft": statistics.median(s.ttft for s in fast)}
+        row["otps_ratio"] = row["fast_otps"] / std_otps if std_otps else float("nan")
+        table[cat] = row
+    return table
+
+
 def plot(table: dict[str, dict[str, float]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -221,11 +237,15 @@ async def _main(args: argparse.Namespace) -> int:
                                   "fast_median_otps": statistics.median(fast) if fast else None}
         if std and fast:
             result["ratio"] = result["fast_median_otps"] / result["standard_stream_median_otps"]
-        print(json.dumps(result, indent=2))
-        table = {"loaded": {"standard_otps": result["standard_stream_median_otps"] or 0.0,
-                            "fast_otps": result["fast_median_otps"] or 0.0,
-                            "standard_ttft": statistics.median(s.ttft for s in samples if s.background) if std else 0.0,
-                            "fast_ttft": statistics.median(s.ttft for s in samples if not s.background) if fast else 0.0}}
+        table = loaded_table(samples)
+        result["categories"] = table
+        print(f"{args.concurrency} standard streams: median OTPS {result['standard_stream_median_otps'] or 0:.2f} "
+              f"over {len(std)} completed streams")
+        print(f"{'category':<14}{'fast OTPS':>11}{'x standard':>12}{'fast TTFT':>11}")
+        for cat, row in table.items():
+            print(f"{cat:<14}{row['fast_otps']:>11.1f}{row['otps_ratio']:>12.2f}{row['fast_ttft']:>11.3f}")
+        if "ratio" in result:
+            print(f"all fast requests: median OTPS {result['fast_median_otps']:.2f}, {result['ratio']:.2f}x the standard streams")
     else:
         table = summarize(samples)
         same, total = identical_outputs(samples)
@@ -244,4 +264,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return asyncio.run(_main(args))
+    try:
+        return asyncio.run(_main(args))
+    except httpx.HTTPError as e:
+        raise RuntimeError(f"could not talk to {args.url}: {e!r}") from e

@@ -1,6 +1,7 @@
 """The engine loop: admit, schedule a lane, run it, verify drafts, emit token deltas."""
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -19,9 +20,15 @@ from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup
 from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
 
+log = logging.getLogger("fastmode.engine")
+
 
 class EngineOverloaded(RuntimeError):
     """Too many requests are queued; the caller should answer 529 and the client retry."""
+
+
+class RequestTooLarge(ValueError):
+    """The request's prompt + max_tokens can never fit the KV cache."""
 
 
 class Engine:
@@ -57,6 +64,11 @@ class Engine:
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise EngineOverloaded(f"{self.scheduler.num_waiting} requests are already queued")
         req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, arrival=time.monotonic())
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if req.token_budget > capacity:
+            raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
+                                  f"{capacity} tokens; lower max_tokens or start the server with a larger "
+                                  f"--kv-cache-tokens")
         self._inbox.put(("add", req))
         self._wake.set()
 
@@ -85,7 +97,13 @@ class Engine:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            self.step()
+            try:
+                self.step()
+            except Exception:  # fail the requests in flight, keep serving new ones
+                log.exception("engine step failed; failing the requests in flight")
+                for req in list(self.requests.values()):
+                    if req.status is Status.RUNNING:
+                        self._finish(req, Status.FINISHED_ERROR, [])
 
     def _drain_inbox(self) -> None:
         while True:
@@ -101,9 +119,6 @@ class Engine:
     def _admit_new(self, req: Request) -> None:
         if len(req.prompt_ids) >= self.max_len or req.params.max_tokens <= 0 or not req.prompt_ids:
             req.on_delta(TokenDelta(req.request_id, [], Status.FINISHED_LENGTH, len(req.prompt_ids)))
-            return
-        if self.blocks.blocks_for(req.token_budget) > self.blocks.num_blocks:
-            req.on_delta(TokenDelta(req.request_id, [], Status.FINISHED_ABORTED, len(req.prompt_ids)))
             return
         self.requests[req.request_id] = req
         if req.lane is Lane.FAST or self.config.standard.speculate:

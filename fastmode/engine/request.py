@@ -20,6 +20,7 @@ class Status(enum.IntEnum):
     FINISHED_LENGTH = 3  # max_tokens reached
     FINISHED_CONTEXT = 4  # context window full
     FINISHED_ABORTED = 5  # client gone, stop sequence hit, or shutdown
+    FINISHED_ERROR = 6  # the engine failed while running it
 
     @property
     def finished(self) -> bool:

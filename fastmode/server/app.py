@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fastmode.config import EngineConfig
-from fastmode.engine.engine import Engine, EngineOverloaded
+from fastmode.engine.engine import Engine, EngineOverloaded, RequestTooLarge
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.server import errors
 from fastmode.server.errors import APIError, InvalidRequest, new_id
@@ -170,6 +170,8 @@ async def create_message(request: Request, state: ServerState) -> Response:
         gen.start()
     except EngineOverloaded as e:
         raise errors.Overloaded(f"Overloaded: {e}") from e
+    except RequestTooLarge as e:
+        raise InvalidRequest(str(e)) from e
     if req.stream:
         return StreamingResponse(_stream(gen, msg_id, state.model_id, req, len(ids)), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})

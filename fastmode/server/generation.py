@@ -19,6 +19,10 @@ _STOP_REASONS = {
 }
 
 
+class GenerationFailed(RuntimeError):
+    """The engine failed while running this request."""
+
+
 @dataclass
 class Outcome:
     """Filled in as a generation runs; complete once the iterator ends."""
@@ -76,6 +80,8 @@ class Generation:
                 out.accepted += delta.accepted_tokens
                 text += decoder.push(delta.token_ids)
                 finished = delta.status.finished
+                if delta.status is Status.FINISHED_ERROR:
+                    raise GenerationFailed("the engine failed while generating")
                 if finished:
                     out.stop_reason = _STOP_REASONS[delta.status]
                 cut = self._find_stop(text, sent)

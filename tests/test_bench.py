@@ -1,0 +1,54 @@
+"""`fastmode bench` end to end against the tiny model's server."""
+import json
+
+from fastmode.bench.runner import identical_outputs, load_workload, summarize, Sample
+from fastmode.cli import main
+
+
+def write_workload(path):
+    items = [{"category": "copy", "messages": [{"role": "user", "content": "abc abc abc"}], "max_tokens": 12},
+             {"category": "chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 12}]
+    path.write_text("\n".join(json.dumps(i) for i in items) + "\n")
+
+
+def test_bench_idle_and_loaded_write_results_and_plot(tiny_server, tmp_path):
+    url, _ = tiny_server
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    assert main(["bench", "--url", url, "--workload", str(wl), "--out", str(tmp_path / "idle")]) == 0
+    res = json.loads((tmp_path / "idle" / "results.json").read_text())
+    assert set(res["categories"]) == {"copy", "chat"}
+    assert res["identical_outputs"] == [2, 2]
+    assert {s["served"] for s in res["samples"] if s["speed"] == "fast"} == {"fast"}
+    assert (tmp_path / "idle" / "bench.png").stat().st_size > 1000
+    assert main(["bench", "--url", url, "--workload", str(wl), "--concurrency", "2",
+                 "--out", str(tmp_path / "loaded")]) == 0
+    loaded = json.loads((tmp_path / "loaded" / "results.json").read_text())
+    assert loaded["mode"] == "loaded" and loaded["fast_median_otps"] is not None
+
+
+def test_summary_medians_ratios_and_identity():
+    def s(cat, speed, otps, ttft, text="t", prompt=0):
+        return Sample(cat, prompt, speed, speed, ttft, otps, 10, text)
+
+    samples = [s("a", "standard", 10, 0.2), s("a", "standard", 12, 0.4), s("a", "standard", 30, 0.3),
+               s("a", "fast", 30, 0.3), s("a", "fast", 36, 0.3), s("a", "fast", 33, 0.33, prompt=1, text="u"),
+               s("a", "standard", 1, 1, prompt=1, text="v")]
+    row = summarize(samples)["a"]
+    assert row["standard_otps"] == 11 and row["fast_otps"] == 33 and row["otps_ratio"] == 3
+    assert identical_outputs(samples) == (1, 2)
+
+
+def test_bad_workload_is_a_clear_error(tmp_path, capsys):
+    wl = tmp_path / "bad.jsonl"
+    wl.write_text('{"category": "x"}\n')
+    assert main(["bench", "--url", "http://127.0.0.1:9", "--workload", str(wl)]) == 2
+    assert "messages" in capsys.readouterr().err
+    assert len(load_workload("fastmode/bench/workloads/dev.jsonl", "qa")) == 3
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    assert main(["bench", "--url", "http://127.0.0.1:9", "--workload", str(wl), "--out", str(tmp_path)]) == 2
+    assert "could not talk to http://127.0.0.1:9" in capsys.readouterr().err
