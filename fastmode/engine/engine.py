@@ -45,7 +45,11 @@ class Engine:
         num_blocks = config.kv_cache_tokens // config.block_size
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.cache = KVCache(model.arch, num_blocks, config.block_size)
-        self.runner = Runner(model, self.cache, self.blocks, config.invariant_numerics)
+        # A lane's pass: its prefill budget (or one aligned chunk, if larger), plus decode rows.
+        max_rows = max(max(lane.max_tokens_per_step, config.prefill_chunk)
+                       + lane.max_batch * (1 + (config.max_draft if lane.speculate else 0))
+                       for lane in (config.fast, config.standard))
+        self.runner = Runner(model, self.cache, self.blocks, config.invariant_numerics, max_rows)
         self.scheduler = Scheduler(config, self.blocks)
         self.policy = DraftLengthPolicy(config.max_draft)
         self.lookups: dict[str, PromptLookup] = {}

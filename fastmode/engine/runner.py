@@ -12,21 +12,20 @@ from fastmode.model.batch import ForwardBatch, Segment
 from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
 
-PROBE_MAX = 64
-PROBES = [*range(1, 17), 24, 32, 48]
+PROBES = [*range(1, 17), 24, 32, 48, 64, 96, 128, 192, 256]
 
 
-def invariant_row_counts(weights: list[torch.Tensor], probe_max: int = PROBE_MAX) -> list[int]:
+def invariant_row_counts(weights: list[torch.Tensor], probe_max: int) -> list[int]:
     """Row counts M (of PROBES, plus `probe_max`) for which every row of x[:M] @ W.T equals,
     bit for bit, the same row computed in a batch of `probe_max` rows, for every weight given.
-    Row counts above `probe_max` take the large-batch GEMM path and count as invariant.
 
     CPU GEMM libraries pick kernels by M (e.g. a matrix-vector path for M = 1), and their
     float results differ in the last bits. Padding every pass to one of these row counts
-    makes a token's logits independent of what else was in its batch.
+    makes a token's logits independent of what else was in its batch. `probe_max` is the
+    largest pass the scheduler can build, so every pass pads to a probed size.
     """
     g = torch.Generator().manual_seed(0)
-    ok = set(PROBES)
+    ok = {m for m in PROBES if m < probe_max}
     for w in weights:
         x = torch.randn(probe_max, w.shape[1], generator=g)
         ref = F.linear(x, w)
@@ -35,11 +34,12 @@ def invariant_row_counts(weights: list[torch.Tensor], probe_max: int = PROBE_MAX
 
 
 class Runner:
-    def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager, invariant: bool) -> None:
+    def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager, invariant: bool, max_rows: int) -> None:
+        """`max_rows`: the most rows a pass can have (prefill budget + decode and draft rows)."""
         self.model, self.cache, self.blocks = model, cache, blocks
         mats = [model.blocks[0].attn.qkv.weight, model.blocks[0].attn.o.weight,
                 model.blocks[0].mlp.gate_up.weight, model.blocks[0].mlp.down.weight, model.lm_head.weight]
-        self.sizes = invariant_row_counts([m.detach() for m in mats]) if invariant else []
+        self.sizes = invariant_row_counts([m.detach() for m in mats], max(max_rows, 64)) if invariant else []
         self.pad_to = self._cheapest_padding(mats) if invariant else {}
         self.step_seconds: dict[int, float] = {}  # padded rows -> running average of pass time
 
