@@ -5,7 +5,6 @@ import logging
 import math
 import queue
 import threading
-import time
 from typing import Callable
 
 import torch
@@ -67,7 +66,7 @@ class Engine:
             on_delta: Callable[[TokenDelta], None]) -> None:
         if self.scheduler.num_waiting >= self.config.max_waiting:
             raise EngineOverloaded(f"{self.scheduler.num_waiting} requests are already queued")
-        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, arrival=time.monotonic())
+        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len)
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if req.token_budget > capacity:
             raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
@@ -122,7 +121,7 @@ class Engine:
 
     def _admit_new(self, req: Request) -> None:
         if len(req.prompt_ids) >= self.max_len or req.params.max_tokens <= 0 or not req.prompt_ids:
-            req.on_delta(TokenDelta(req.request_id, [], Status.FINISHED_LENGTH, len(req.prompt_ids)))
+            req.on_delta(TokenDelta(req.request_id, [], Status.FINISHED_LENGTH))
             return
         self.requests[req.request_id] = req
         if req.lane is Lane.FAST or self.config.standard.speculate:
@@ -213,16 +212,15 @@ class Engine:
         if r.request_id in self.lookups:
             self.lookups[r.request_id].extend(new)
         if status.finished:
-            self._finish(r, status, new, len(item.drafts), len(new) if item.drafts else 0)
+            self._finish(r, status, new)
         else:
-            r.on_delta(TokenDelta(r.request_id, new, status, len(r.prompt_ids), len(item.drafts),
-                                  max(len(new) - 1, 0) if item.drafts else 0))
+            r.on_delta(TokenDelta(r.request_id, new, status))
 
-    def _finish(self, r: Request, status: Status, new: list[int], drafted: int = 0, accepted: int = 0) -> None:
+    def _finish(self, r: Request, status: Status, new: list[int]) -> None:
         self.scheduler.finish(r, status)
         self.requests.pop(r.request_id, None)
         self.lookups.pop(r.request_id, None)
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
-        r.on_delta(TokenDelta(r.request_id, new, r.status, len(r.prompt_ids), drafted, accepted))
+        r.on_delta(TokenDelta(r.request_id, new, r.status))

@@ -47,9 +47,6 @@ class TokenDelta:
     request_id: str
     token_ids: list[int]
     status: Status
-    num_prompt_tokens: int
-    draft_tokens: int = 0  # drafts verified this step
-    accepted_tokens: int = 0  # drafts accepted this step
 
 
 @dataclass
@@ -65,8 +62,6 @@ class Request:
     # Tokens [0, num_computed_tokens) have K/V in the cache.
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
-    draft_ids: list[int] = field(default_factory=list)  # proposed for the next step
-    arrival: float = 0.0
 
     @property
     def token_ids(self) -> list[int]:

@@ -60,7 +60,7 @@ def endpoint(handler: Handler, *, versioned: bool = True) -> Callable[[Request],
         try:
             _authenticate(request, state)
             if versioned:
-                _check_version(request)
+                request.state.api_version = _check_version(request)
             response = await handler(request, state)
         except APIError as e:
             response = errors.error_response(e, rid)
@@ -144,8 +144,7 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 async def create_message(request: Request, state: ServerState) -> Response:
-    version = _check_version(request)
-    req = parse_messages_request(await _json_body(request), version)
+    req = parse_messages_request(await _json_body(request), request.state.api_version)
     _model(req, state)
     arch = state.loaded.arch
     ids = _prompt_ids(req, state)
@@ -231,7 +230,7 @@ async def _stream(gen: Generation, msg_id: str, model: str, req: MessagesRequest
 
 
 async def count_tokens(request: Request, state: ServerState) -> Response:
-    req = parse_messages_request(await _json_body(request), _check_version(request), for_count=True)
+    req = parse_messages_request(await _json_body(request), request.state.api_version, for_count=True)
     _model(req, state)
     return JSONResponse({"input_tokens": len(_prompt_ids(req, state))})
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastmode.engine.engine import Engine
@@ -32,9 +32,6 @@ class Outcome:
     output_tokens: int = 0
     stop_reason: str | None = None
     stop_sequence: str | None = None
-    drafted: int = 0
-    accepted: int = 0
-    deltas: list[str] = field(default_factory=list)
 
 
 class Generation:
@@ -76,8 +73,6 @@ class Generation:
             while not finished:
                 delta = await inbox.get()
                 out.output_tokens += len(delta.token_ids)
-                out.drafted += delta.draft_tokens
-                out.accepted += delta.accepted_tokens
                 text += decoder.push(delta.token_ids)
                 finished = delta.status.finished
                 if delta.status is Status.FINISHED_ERROR:
@@ -92,7 +87,6 @@ class Generation:
                     limit = min(limit, text.index(TOOL_OPEN))
                 if limit > sent:
                     chunk, sent = text[sent:limit], limit
-                    out.deltas.append(chunk)
                     yield chunk
         finally:
             if not finished:
