@@ -205,3 +205,15 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(make_eng
         assert engine.blocks.num_free == engine.blocks.num_blocks
     finally:
         engine.shutdown()
+
+
+def test_queue_limit_counts_requests_not_yet_seen_by_the_engine(make_engine):
+    import pytest
+
+    from fastmode.engine.engine import EngineOverloaded
+
+    engine = make_engine(max_waiting=2)
+    for i in range(2):
+        engine.add(f"q{i}", [1, 2, 3], SamplingParams(max_tokens=2), Lane.STANDARD, lambda d: None)
+    with pytest.raises(EngineOverloaded):
+        engine.add("q2", [1, 2, 3], SamplingParams(max_tokens=2), Lane.STANDARD, lambda d: None)

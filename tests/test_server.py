@@ -190,3 +190,52 @@ def test_random_malformed_bodies_never_get_a_5xx(url):
         assert r.status_code < 500, (body, r.text)
         if r.status_code != 200:
             assert r.json()["type"] == "error"
+
+
+@pytest.mark.parametrize("content", [
+    [{"type": "document", "source": "x"}],
+    [{"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": 5}]}}],
+    [{"type": "search_result", "title": 3, "source": "s", "content": []}],
+    [{"type": "search_result", "title": "t", "source": "s", "content": None}],
+    "lone surrogate \ud800 here",
+])
+def test_malformed_blocks_and_text_are_400s(url, content):
+    body = json.dumps({"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": content}]})
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        r = httpx.post(url + path, content=body, headers={**V, "content-type": "application/json"})
+        assert r.status_code == 400, (path, r.text)
+
+
+def test_deeply_nested_body_is_a_400(url):
+    body = '{"model": "x", "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = httpx.post(url + "/v1/messages", content=body, headers={**V, "content-type": "application/json"})
+    assert r.status_code == 400 and "nested" in r.json()["error"]["message"]
+
+
+def test_near_zero_temperature_is_greedy(url, client):
+    msg = [{"role": "user", "content": "temperature"}]
+    greedy = client.messages.create(model=MODEL, max_tokens=10, messages=msg)
+    body = {"model": MODEL, "max_tokens": 10, "temperature": 1e-45, "messages": msg}
+    r = httpx.post(url + "/v1/messages", json=body, headers=V)
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == greedy.content[0].text
+
+
+def wait_all_free(state, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while state.engine.blocks.num_free != state.engine.blocks.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return state.engine.blocks.num_free == state.engine.blocks.num_blocks
+
+
+def test_leaving_right_after_message_start_or_mid_request_frees_blocks(tiny_server):
+    url, state = tiny_server
+    body = {"model": MODEL, "max_tokens": 2000, "stream": True, "messages": [{"role": "user", "content": "go"}]}
+    with httpx.stream("POST", url + "/v1/messages", json=body, headers=V) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: message_start"):
+                break
+    assert wait_all_free(state)
+    body["stream"] = False
+    with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
+        httpx.post(url + "/v1/messages", json=body, headers=V, timeout=0.3)
+    assert wait_all_free(state)

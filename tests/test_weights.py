@@ -106,3 +106,47 @@ def test_clear_errors_for_bad_model_sources(tmp_path):
     write_gguf(tmp_path / "y.gguf", {"general.architecture": "mamba"}, {})
     with pytest.raises(WeightsError, match="mamba"):
         load_model(str(tmp_path / "y.gguf"))
+
+
+def _bpe_meta(pre: str, extra_tokens: list[tuple[str, int]]) -> dict:
+    tok = tiny_tokenizer()
+    vocab = [tok.hf.id_to_token(i) for i in range(256)] + ["12", "123"] + [t for t, _ in extra_tokens]
+    types = [1] * 258 + [ty for _, ty in extra_tokens]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": vocab,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": ["1 2", "12 3"]}
+
+
+def test_pre_tokenizer_digit_grouping_per_family():
+    from fastmode.tokenizer.tokenizer import Tokenizer
+
+    def pieces(pre):
+        t = Tokenizer.from_gguf_metadata(_bpe_meta(pre, []))
+        return [t.hf.id_to_token(i) for i in t.encode("12345")]
+
+    assert pieces("llama-bpe") == ["123", "4", "5"]  # digits in groups of up to three
+    assert pieces("qwen2") == ["1", "2", "3", "4", "5"]  # one digit at a time
+    assert pieces("smollm") == ["1", "2", "3", "4", "5"]
+
+
+def test_user_defined_tokens_stay_in_decoded_text_control_tokens_do_not():
+    from fastmode.tokenizer.tokenizer import Tokenizer
+
+    t = Tokenizer.from_gguf_metadata(_bpe_meta("qwen2", [("<tool_call>", 4), ("<|im_end|>", 3)]))
+    ids = t.encode("<tool_call>x<|im_end|>")
+    assert len(ids) == 3
+    assert t.decode(ids) == "<tool_call>x"
+
+
+def test_incremental_decoder_holds_split_characters_and_flushes_at_the_end():
+    from fastmode.tokenizer.tokenizer import IncrementalDecoder
+
+    tok = tiny_tokenizer()
+    ids = tok.encode("aé")  # byte tokens: 'a', then the two bytes of 'é'
+    assert len(ids) == 3
+    d = IncrementalDecoder(tok)
+    assert d.push(ids[:1]) == "a"
+    assert d.push(ids[1:2]) == ""  # the first byte of 'é' alone is held back
+    assert d.push(ids[2:]) == "é"
+    d2 = IncrementalDecoder(tok)
+    assert d2.push(ids[:1]) == "a" and d2.push(ids[1:2]) == ""
+    assert d2.flush() == "\ufffd"  # output cut inside a character: not silently dropped

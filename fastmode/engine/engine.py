@@ -58,17 +58,24 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._inbox_adds = 0  # requests added but not yet taken from the inbox
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0}
         self.tokens_per_pass: dict[str, float] = {}  # fast requests: running average of tokens a pass
 
     # ---- thread-safe API -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
             on_delta: Callable[[TokenDelta], None]) -> None:
-        if self.scheduler.num_waiting >= self.config.max_waiting:
-            raise EngineOverloaded(f"{self.scheduler.num_waiting} requests are already queued")
+        with self._lock:
+            queued = self.scheduler.num_waiting + self._inbox_adds
+            if queued >= self.config.max_waiting:
+                raise EngineOverloaded(f"{queued} requests are already queued")
+            self._inbox_adds += 1
         req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len)
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if req.token_budget > capacity:
+            with self._lock:
+                self._inbox_adds -= 1
             raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
                                   f"{capacity} tokens; lower max_tokens or start the server with a larger "
                                   f"--kv-cache-tokens")
@@ -95,12 +102,12 @@ class Engine:
     # ---- engine thread ---------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain_inbox()
-            if not self.scheduler.has_work():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
             try:
+                self._drain_inbox()
+                if not self.scheduler.has_work():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
                 self.step()
             except Exception:  # fail the requests in flight, keep serving new ones
                 log.exception("engine step failed; failing the requests in flight")
@@ -115,13 +122,15 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
+                with self._lock:
+                    self._inbox_adds -= 1
                 self._admit_new(item)  # type: ignore[arg-type]
             elif (req := self.requests.get(item)) is not None:  # type: ignore[arg-type]
                 self._finish(req, Status.FINISHED_ABORTED, [])
 
     def _admit_new(self, req: Request) -> None:
         if len(req.prompt_ids) >= self.max_len or req.params.max_tokens <= 0 or not req.prompt_ids:
-            req.on_delta(TokenDelta(req.request_id, [], Status.FINISHED_LENGTH))
+            _emit(req, TokenDelta(req.request_id, [], Status.FINISHED_LENGTH))
             return
         self.requests[req.request_id] = req
         if req.lane is Lane.FAST or self.config.standard.speculate:
@@ -162,7 +171,11 @@ class Engine:
             self._propose(plan)
         logits, ranges = self.runner.run(plan)
         for item, (first, count) in zip(plan, ranges):
-            self._update(item, logits[first:first + count])
+            try:
+                self._update(item, logits[first:first + count])
+            except Exception:  # e.g. a sampling error: only this request fails
+                log.exception("request %s failed", item.request.request_id)
+                self._finish(item.request, Status.FINISHED_ERROR, [])
         return True
 
     def _propose(self, plan: list[Scheduled]) -> None:
@@ -214,7 +227,7 @@ class Engine:
         if status.finished:
             self._finish(r, status, new)
         else:
-            r.on_delta(TokenDelta(r.request_id, new, status))
+            _emit(r, TokenDelta(r.request_id, new, status))
 
     def _finish(self, r: Request, status: Status, new: list[int]) -> None:
         self.scheduler.finish(r, status)
@@ -223,4 +236,12 @@ class Engine:
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
-        r.on_delta(TokenDelta(r.request_id, new, r.status))
+        _emit(r, TokenDelta(r.request_id, new, r.status))
+
+
+def _emit(req: Request, delta: TokenDelta) -> None:
+    """Hand a delta to the request's owner; a failing callback must not stop the engine."""
+    try:
+        req.on_delta(delta)
+    except Exception:
+        log.exception("delivering output of %s failed", req.request_id)

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 
+GREEDY_BELOW = 1e-3
+
+
 class Lane(str, enum.Enum):
     STANDARD = "standard"
     FAST = "fast"
@@ -30,14 +33,15 @@ class Status(enum.IntEnum):
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # at most GREEDY_BELOW: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int | None = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Dividing logits by a near-zero temperature overflows; it is greedy in all but name.
+        return self.temperature <= GREEDY_BELOW
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The HTTP edge: Messages API routes, SSE, auth and version headers, Anthropic error JSON."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from contextlib import asynccontextmanager
@@ -9,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -19,7 +21,7 @@ from fastmode.engine.engine import Engine, EngineOverloaded, RequestTooLarge
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.server import errors
 from fastmode.server.errors import APIError, InvalidRequest, new_id
-from fastmode.server.generation import Generation
+from fastmode.server.generation import Generation, GenerationAborted
 from fastmode.server.prompt import parse_output, render_prompt
 from fastmode.server.validate import API_VERSIONS, MessagesRequest, parse_messages_request
 from fastmode.tokenizer.chat_template import ChatTemplate
@@ -27,6 +29,11 @@ from fastmode.weights.registry import LoadedModel
 
 log = logging.getLogger("fastmode.server")
 MAX_BODY = 32 * 1024 * 1024
+DISCONNECT_POLL_S = 0.5
+
+
+class ClientGone(Exception):
+    """The client disconnected before its non-streaming answer was ready."""
 
 
 @dataclass
@@ -64,6 +71,8 @@ def endpoint(handler: Handler, *, versioned: bool = True) -> Callable[[Request],
             response = await handler(request, state)
         except APIError as e:
             response = errors.error_response(e, rid)
+        except ClientGone:  # nobody is listening; the status is for the access log only
+            response = Response(status_code=499)
         except Exception:  # a bug of ours: log it, never leak a traceback
             log.exception("unhandled error in %s", request.url.path)
             response = errors.error_response(errors.InternalError("Internal server error"), rid)
@@ -100,6 +109,8 @@ async def _json_body(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"The request body is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise InvalidRequest("The request body is nested too deeply") from e
 
 
 def _model(req: MessagesRequest, state: ServerState) -> None:
@@ -108,8 +119,15 @@ def _model(req: MessagesRequest, state: ServerState) -> None:
 
 
 def _prompt_ids(req: MessagesRequest, state: ServerState) -> list[int]:
+    """Render and tokenize (CPU work: callers run it off the event loop)."""
     tok = state.loaded.tokenizer
-    ids = tok.encode(render_prompt(req, state.template))
+    text = render_prompt(req, state.template)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"the request contains text that is not valid Unicode ({e.reason}); "
+                             f"send UTF-8 text without lone surrogate escapes") from e
+    ids = tok.encode(text)
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
         ids = [tok.bos_id] + ids
     return ids
@@ -147,7 +165,7 @@ async def create_message(request: Request, state: ServerState) -> Response:
     req = parse_messages_request(await _json_body(request), request.state.api_version)
     _model(req, state)
     arch = state.loaded.arch
-    ids = _prompt_ids(req, state)
+    ids = await run_in_threadpool(_prompt_ids, req, state)
     if len(ids) >= arch.max_position:
         raise InvalidRequest(f"prompt is too long: {len(ids)} tokens >= {arch.max_position} maximum "
                              f"(the context window of {state.model_id})")
@@ -172,15 +190,53 @@ async def create_message(request: Request, state: ServerState) -> Response:
     except RequestTooLarge as e:
         raise InvalidRequest(str(e)) from e
     if req.stream:
-        return StreamingResponse(_stream(gen, msg_id, state.model_id, req, len(ids)), media_type="text/event-stream",
-                                 headers={"cache-control": "no-cache"})
-    async for _ in gen.stream():
-        pass
+        return GenerationStream(gen, _stream(gen, msg_id, state.model_id, req, len(ids)))
+    await _run_to_end(gen, request)
     out = gen.outcome
     content = parse_output(out.text + out.tail, req.tools)
     stop = "tool_use" if any(b["type"] == "tool_use" for b in content) else out.stop_reason
     usage = _usage(len(ids), out.output_tokens, lane.value)
-    return JSONResponse(_message(msg_id, state.model_id, content, stop, out.stop_sequence, usage))
+    return JSONResponse(_message(msg_id, state.model_id, content, stop,
+                                 out.stop_sequence if stop == "stop_sequence" else None, usage))
+
+
+class GenerationStream(StreamingResponse):
+    """An SSE response that aborts its generation however the response ends, even when the
+    client leaves before the body iterator has started."""
+
+    def __init__(self, gen: Generation, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self.gen = gen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.abort()
+
+
+async def _run_to_end(gen: Generation, request: Request) -> None:
+    """Drain a non-streaming generation; abort it if the client disconnects meanwhile."""
+
+    async def drain() -> None:
+        async for _ in gen.stream():
+            pass
+
+    task = asyncio.ensure_future(drain())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                break
+    finally:
+        if not task.done():
+            task.cancel()  # its finally aborts the request in the engine
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()
+    try:
+        task.result()
+    except GenerationAborted as e:
+        raise errors.Overloaded(str(e)) from e
 
 
 async def _empty_stream(msg_id: str, model: str, usage: dict[str, Any]) -> AsyncIterator[bytes]:
@@ -203,6 +259,9 @@ async def _stream(gen: Generation, msg_id: str, model: str, req: MessagesRequest
                 text_open = True
             yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                "delta": {"type": "text_delta", "text": chunk}})
+    except GenerationAborted as e:
+        yield _sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": str(e)}})
+        return
     except Exception:
         log.exception("generation failed")
         yield _sse("error", {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}})
@@ -223,8 +282,9 @@ async def _stream(gen: Generation, msg_id: str, model: str, req: MessagesRequest
         yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
         yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
+    stop_sequence = out.stop_sequence if stop == "stop_sequence" else None
     yield _sse("message_delta", {"type": "message_delta",
-                                 "delta": {"stop_reason": stop, "stop_sequence": out.stop_sequence, "stop_details": None},
+                                 "delta": {"stop_reason": stop, "stop_sequence": stop_sequence, "stop_details": None},
                                  "usage": {"output_tokens": out.output_tokens}})
     yield _sse("message_stop", {"type": "message_stop"})
 
@@ -232,7 +292,7 @@ async def _stream(gen: Generation, msg_id: str, model: str, req: MessagesRequest
 async def count_tokens(request: Request, state: ServerState) -> Response:
     req = parse_messages_request(await _json_body(request), request.state.api_version, for_count=True)
     _model(req, state)
-    return JSONResponse({"input_tokens": len(_prompt_ids(req, state))})
+    return JSONResponse({"input_tokens": len(await run_in_threadpool(_prompt_ids, req, state))})
 
 
 def _model_info(state: ServerState) -> dict[str, Any]:

@@ -15,12 +15,15 @@ _STOP_REASONS = {
     Status.FINISHED_STOPPED: "end_turn",
     Status.FINISHED_LENGTH: "max_tokens",
     Status.FINISHED_CONTEXT: "model_context_window_exceeded",
-    Status.FINISHED_ABORTED: "end_turn",
 }
 
 
 class GenerationFailed(RuntimeError):
     """The engine failed while running this request."""
+
+
+class GenerationAborted(GenerationFailed):
+    """The engine dropped the request (shutdown); the client should retry."""
 
 
 @dataclass
@@ -64,6 +67,10 @@ class Generation:
         self.engine.add(self.request_id, self.prompt_ids, self.params, self.lane,
                         lambda d: loop.call_soon_threadsafe(self._inbox.put_nowait, d))
 
+    def abort(self) -> None:
+        """Stop the request in the engine and free its KV blocks (safe to repeat)."""
+        self.engine.abort(self.request_id)
+
     async def stream(self) -> AsyncIterator[str]:
         inbox = self._inbox
         decoder = IncrementalDecoder(self.tokenizer)
@@ -72,16 +79,21 @@ class Generation:
         try:
             while not finished:
                 delta = await inbox.get()
-                out.output_tokens += len(delta.token_ids)
-                text += decoder.push(delta.token_ids)
-                finished = delta.status.finished
                 if delta.status is Status.FINISHED_ERROR:
                     raise GenerationFailed("the engine failed while generating")
-                if finished:
+                if delta.status is Status.FINISHED_ABORTED:
+                    raise GenerationAborted("the server is shutting down; retry the request")
+                for token in delta.token_ids:  # one at a time: tokens after a stop sequence are not counted
+                    out.output_tokens += 1
+                    text += decoder.push([token])
+                    cut = self._find_stop(text, sent)
+                    if cut is not None:
+                        text, finished = cut, True
+                        break
+                if delta.status.finished and not finished:
+                    finished = True
                     out.stop_reason = _STOP_REASONS[delta.status]
-                cut = self._find_stop(text, sent)
-                if cut is not None:
-                    text, finished = cut, True
+                    text += decoder.flush()
                 limit = len(text) if finished else len(text) - self._holdback(text)
                 if self.hold_tool_calls and TOOL_OPEN in text[: max(limit, sent)]:
                     limit = min(limit, text.index(TOOL_OPEN))
@@ -89,10 +101,8 @@ class Generation:
                     chunk, sent = text[sent:limit], limit
                     yield chunk
         finally:
-            if not finished:
-                self.engine.abort(self.request_id)  # client gone or cancelled: free the KV blocks now
-            elif out.stop_sequence is not None:
-                self.engine.abort(self.request_id)
+            if not finished or out.stop_sequence is not None:
+                self.abort()  # client gone, or a stop sequence: free the KV blocks now
         out.text, out.tail = text[:sent], text[sent:]
 
     def _find_stop(self, text: str, sent: int) -> str | None:

@@ -77,6 +77,19 @@ def _content(value: Any, where: str) -> list[dict[str, Any]]:
         if t == "tool_use" and (not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str)
                                 or not isinstance(b.get("input", {}), dict)):
             raise InvalidRequest(f"{w}: a tool_use block needs string `id` and `name` and an object `input`")
+        if t == "document":
+            src = b.get("source")
+            if not isinstance(src, dict) or not isinstance(src.get("type"), str):
+                raise InvalidRequest(f"{w}.source: Field required (an object with a string `type`)")
+            if src["type"] == "text" and not isinstance(src.get("data"), str):
+                raise InvalidRequest(f"{w}.source.data: Field required (a string) for a text document")
+            if src["type"] == "content":
+                _text_blocks(src.get("content"), f"{w}.source.content")
+        if t == "search_result":
+            for key in ("title", "source"):
+                if not isinstance(b.get(key, ""), str):
+                    raise InvalidRequest(f"{w}.{key}: Input should be a valid string")
+            _text_blocks(b.get("content"), f"{w}.content")
         if t == "tool_result":
             if not isinstance(b.get("tool_use_id"), str):
                 raise InvalidRequest(f"{w}.tool_use_id: Field required (a string)")

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 _GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PATTERN = _QWEN2_PATTERN.replace(r"|\p{N}|", r"|\p{N}{1,3}|")  # numbers in groups of up to 3 digits
 _CONTROL = 3  # GGUF token type of control (special) tokens
 _USER_DEFINED = 4
 
@@ -51,8 +52,9 @@ class Tokenizer:
         vocab = {t: i for i, t in enumerate(tokens)}
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre in ("qwen2", "deepseek-llm", "llama3", "llama-bpe", "smaug-bpe"):
-            split = pre_tokenizers.Split(Regex(_QWEN2_PATTERN), behavior="isolated")
+        if pre in ("qwen2", "llama3", "llama-bpe", "smaug-bpe"):
+            split = pre_tokenizers.Split(Regex(_QWEN2_PATTERN if pre == "qwen2" else _LLAMA3_PATTERN),
+                                         behavior="isolated")
             hf.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         else:
             seq = [pre_tokenizers.Split(Regex(_GPT2_PATTERN), behavior="isolated")]
@@ -61,9 +63,12 @@ class Tokenizer:
             seq.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
             hf.pre_tokenizer = pre_tokenizers.Sequence(seq)
         hf.decoder = decoders.ByteLevel()
-        specials = [AddedToken(tokens[i], special=True, normalized=False)
-                    for i, t in enumerate(types) if t in (_CONTROL, _USER_DEFINED)]
-        hf.add_special_tokens(specials)
+        # Control tokens are special (skipped when decoding); user-defined ones, such as
+        # Qwen's <tool_call>, are whole tokens that stay in the text.
+        hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
+                               for i, t in enumerate(types) if t == _CONTROL])
+        hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                       for i, t in enumerate(types) if t == _USER_DEFINED])
         eos = meta.get("tokenizer.ggml.eos_token_id")
         eos_ids = [int(eos)] if eos is not None else []
         for extra in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
@@ -122,4 +127,11 @@ class IncrementalDecoder:
         if full.endswith("\ufffd") or len(full) <= len(prefix):
             return ""  # an incomplete multi-byte character: wait for more tokens
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
+
+    def flush(self) -> str:
+        """Text still held back at the end (an incomplete character decodes as U+FFFD)."""
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self.tok.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
         return full[len(prefix):]
