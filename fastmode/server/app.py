@@ -172,8 +172,6 @@ async def create_message(request: Request, state: ServerState) -> Response:
     if req.max_tokens > arch.max_position:
         raise InvalidRequest(f"max_tokens: {req.max_tokens} > {arch.max_position}, which is the maximum allowed "
                              f"number of output tokens for {state.model_id}")
-    if req.service_tier == "priority" and req.speed == "fast":  # kept for clients sending it anyway
-        raise InvalidRequest("speed: fast mode is not available with the priority tier")
     lane = Lane.FAST if req.speed == "fast" else Lane.STANDARD
     msg_id = new_id("msg_")
     if req.max_tokens == 0:
@@ -227,12 +225,11 @@ async def _run_to_end(gen: Generation, request: Request) -> None:
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
-                break
+                raise ClientGone()
     finally:
         if not task.done():
             task.cancel()  # its finally aborts the request in the engine
             await asyncio.gather(task, return_exceptions=True)
-            raise ClientGone()
     try:
         task.result()
     except GenerationAborted as e:
