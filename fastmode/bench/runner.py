@@ -120,16 +120,13 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
 
 def identical_outputs(samples: list[Sample]) -> tuple[int, int]:
     """(prompts whose standard and fast texts were all identical, prompts compared)."""
-    same = total = 0
-    for key in {(s.category, s.prompt) for s in samples if not s.background}:
-        texts = {s.speed: set() for s in samples}
-        for s in samples:
-            if (s.category, s.prompt) == key and not s.background:
-                texts[s.speed].add(s.text)
-        if texts.get("standard") and texts.get("fast"):
-            total += 1
-            same += texts["standard"] == texts["fast"] and len(texts["standard"]) == 1
-    return same, total
+    texts: dict[tuple[str, int], dict[str, set[str]]] = {}
+    for s in samples:
+        if not s.background:
+            texts.setdefault((s.category, s.prompt), {}).setdefault(s.speed, set()).add(s.text)
+    compared = [t for t in texts.values() if t.get("standard") and t.get("fast")]
+    same = sum(t["standard"] == t["fast"] and len(t["standard"]) == 1 for t in compared)
+    return same, len(compared)
 
 
 async def run_idle(client: httpx.AsyncClient, args: argparse.Namespace, model: str,
@@ -230,15 +227,16 @@ async def _main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.concurrency > 0:
+        table = loaded_table(samples)
         std = [s.otps for s in samples if s.background]
         fast = [s.otps for s in samples if not s.background]
+        std_median = next(iter(table.values()))["standard_otps"] if std and table else None
         result: dict[str, Any] = {"mode": "loaded", "concurrency": args.concurrency,
-                                  "standard_stream_median_otps": statistics.median(std) if std else None,
-                                  "fast_median_otps": statistics.median(fast) if fast else None}
-        if std and fast:
-            result["ratio"] = result["fast_median_otps"] / result["standard_stream_median_otps"]
-        table = loaded_table(samples)
-        result["categories"] = table
+                                  "standard_stream_median_otps": std_median,
+                                  "fast_median_otps": statistics.median(fast) if fast else None,
+                                  "categories": table}
+        if std_median and fast:
+            result["ratio"] = result["fast_median_otps"] / std_median
         print(f"{args.concurrency} standard streams: median OTPS {result['standard_stream_median_otps'] or 0:.2f} "
               f"over {len(std)} completed streams")
         print(f"{'category':<14}{'fast OTPS':>11}{'x standard':>12}{'fast TTFT':>11}")

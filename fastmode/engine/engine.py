@@ -66,19 +66,17 @@ class Engine:
     # ---- thread-safe API -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
             on_delta: Callable[[TokenDelta], None]) -> None:
+        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len)
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if req.token_budget > capacity:
+            raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
+                                  f"{capacity} tokens; lower max_tokens or start the server with a larger "
+                                  f"--kv-cache-tokens")
         with self._lock:
             queued = self.scheduler.num_waiting + self._inbox_adds
             if queued >= self.config.max_waiting:
                 raise EngineOverloaded(f"{queued} requests are already queued")
             self._inbox_adds += 1
-        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len)
-        capacity = self.blocks.num_blocks * self.blocks.block_size
-        if req.token_budget > capacity:
-            with self._lock:
-                self._inbox_adds -= 1
-            raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
-                                  f"{capacity} tokens; lower max_tokens or start the server with a larger "
-                                  f"--kv-cache-tokens")
         self._inbox.put(("add", req))
         self._wake.set()
 
