@@ -5,34 +5,107 @@ import argparse
 import dataclasses
 import logging
 import os
+import sqlite3
 import sys
 
 from fastmode.weights.registry import DEFAULT_MODEL
 
 
+def default_database() -> str:
+    root = os.environ.get("FASTMODE_DATA") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "fastmode")
+    return os.path.join(root, "fastmode.db")
+
+
+def _settings(args: argparse.Namespace):
+    from fastmode.settings import Settings, load_settings
+
+    return load_settings(args.config) if args.config else Settings()
+
+
+def _database(args: argparse.Namespace, server: dict) -> str:
+    return args.db or server.get("database") or default_database()
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from fastmode.config import EngineConfig
+    from fastmode.platform.catalog import Catalog
+    from fastmode.platform.db import Database
+    from fastmode.platform.service import Platform
     from fastmode.server.app import build_state, create_app
     from fastmode.weights.registry import load_model
 
-    from fastmode.settings import load_settings
-
-    server, cfg = load_settings(args.config) if args.config else ({}, EngineConfig())
+    settings = _settings(args)
+    server, cfg = settings.server, settings.engine
     # command-line flags win over the file, the file over the defaults
     host = args.host or server.get("host", "127.0.0.1")
     port = args.port or int(server.get("port", 8000))
-    model = args.model or server.get("model", DEFAULT_MODEL)
+    if settings.models and args.model:
+        raise ValueError("--model cannot be combined with a [[models]] catalog; set `weights` in the catalog")
     overrides = {"num_threads": args.threads, "kv_cache_tokens": args.kv_cache_tokens}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    print(f"fastmode: loading {model} ...", file=sys.stderr, flush=True)
-    loaded = load_model(model)
-    keys = frozenset(k for k in os.environ.get("FASTMODE_API_KEYS", "").split(",") if k)
-    state = build_state(loaded, cfg, keys)
-    print(f"fastmode: serving {state.model_id} on http://{host}:{port} "
-          f"(ANTHROPIC_BASE_URL=http://{host}:{port})", file=sys.stderr, flush=True)
+    weights = ([e.weights for e in settings.models] if settings.models
+               else [args.model or server.get("model", DEFAULT_MODEL)])
+    loaded = {}
+    for w in dict.fromkeys(weights):
+        print(f"fastmode: loading {w} ...", file=sys.stderr, flush=True)
+        loaded[w] = load_model(w)
+    db_path = _database(args, server)
+    platform = Platform(Database(db_path), open_mode=bool(server.get("open_mode", True)), limits=settings.limits)
+    state = build_state(loaded, cfg, catalog=Catalog(settings.models) if settings.models else None, platform=platform)
+    mode = "open mode: any key acts for the default organization" if platform.accounts.open_mode else "API keys required"
+    print(f"fastmode: serving {', '.join(e.id for e in state.catalog.entries)} on http://{host}:{port} "
+          f"(ANTHROPIC_BASE_URL=http://{host}:{port}); {mode}; database {db_path}", file=sys.stderr, flush=True)
     uvicorn.run(create_app(state), host=host, port=port, log_level=args.log_level)
+    return 0
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError("use on or off")
+    return value == "on"
+
+
+def _accounts(args: argparse.Namespace) -> int:
+    import json
+
+    from fastmode.platform.accounts import Accounts
+    from fastmode.platform.db import Database
+
+    settings = _settings(args)
+    accounts = Accounts(Database(_database(args, settings.server)), open_mode=False)
+
+    def show(obj) -> None:
+        print(json.dumps(dataclasses.asdict(obj), indent=2))
+
+    if args.what == "org" and args.action == "create":
+        show(accounts.create_org(args.name, fast_mode=args.fast_mode, zero_data_retention=args.zdr,
+                                 priority_tier=args.priority_tier))
+    elif args.what == "org" and args.action == "list":
+        for org in accounts.orgs():
+            print(json.dumps(dataclasses.asdict(org)))
+    elif args.what == "org" and args.action == "set":
+        flags = {k: v for k, v in (("fast_mode", args.fast_mode), ("zero_data_retention", args.zdr),
+                                   ("priority_tier", args.priority_tier)) if v is not None}
+        limits: dict[str, dict] = {}
+        for item in args.limit or []:
+            key, _, value = item.partition("=")
+            lane, _, name = key.partition(".")
+            if not value or not name:
+                raise ValueError(f"--limit {item!r}: use LANE.KEY=N, e.g. fast.output_tokens_per_minute=20000 "
+                                 f"(N = none removes the override)")
+            limits.setdefault(lane, {})[name] = None if value == "none" else int(value)
+        show(accounts.update_org(args.name, limits=limits or None, **flags))
+    elif args.what == "key" and args.action == "create":
+        key, secret = accounts.create_key(args.org, args.name or "", admin=args.admin)
+        show(key)
+        print(f"secret (shown once, store it now): {secret}")
+    elif args.what == "key" and args.action == "list":
+        for key in accounts.keys(args.org):
+            print(json.dumps(dataclasses.asdict(key)))
+    elif args.what == "key" and args.action == "revoke":
+        show(accounts.revoke_key(args.key_id))
     return 0
 
 
@@ -57,11 +130,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--model", default=None,
                    help=f"{DEFAULT_MODEL} (default), tiny-random, a .gguf file or a Hugging Face model directory")
-    s.add_argument("--config", default=None, help="TOML file with [server] and [engine] settings (see docs/configuration.md)")
+    s.add_argument("--config", default=None, help="TOML file: [server], [engine], [limits], [[models]] "
+                   "(see examples/fastmode.toml and examples/anthropic-catalog.toml)")
+    s.add_argument("--db", default=None, help="SQLite database of accounts, usage and batches "
+                   "(default $FASTMODE_DATA/fastmode.db or ~/.local/share/fastmode/fastmode.db)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, all cores)")
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default 65536)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=_serve)
+    a = sub.add_parser("accounts", help="organizations and API keys (fast-mode enrollment, zero data retention, "
+                       "rate limits)")
+    a.add_argument("--db", default=None, help="the server's database (default as for serve)")
+    a.add_argument("--config", default=None, help="read the database path from this file's [server] database")
+    what = a.add_subparsers(dest="what", required=True)
+    org = what.add_parser("org", help="organizations").add_subparsers(dest="action", required=True)
+    oc = org.add_parser("create", help="create an organization")
+    oc.add_argument("name")
+    oc.add_argument("--fast-mode", action="store_true", help="enroll it in fast mode")
+    oc.add_argument("--zdr", action="store_true", help="zero data retention: no content is ever written")
+    oc.add_argument("--priority-tier", action="store_true")
+    org.add_parser("list", help="list organizations")
+    os_ = org.add_parser("set", help="change an organization's settings")
+    os_.add_argument("name")
+    os_.add_argument("--fast-mode", type=_on_off, default=None, metavar="on|off")
+    os_.add_argument("--zdr", type=_on_off, default=None, metavar="on|off")
+    os_.add_argument("--priority-tier", type=_on_off, default=None, metavar="on|off")
+    os_.add_argument("--limit", action="append", metavar="LANE.KEY=N",
+                     help="per-minute limit override, e.g. fast.output_tokens_per_minute=20000; repeatable")
+    key = what.add_parser("key", help="API keys").add_subparsers(dest="action", required=True)
+    kc = key.add_parser("create", help="create a key (its secret is printed once)")
+    kc.add_argument("org")
+    kc.add_argument("--name", default=None)
+    kc.add_argument("--admin", action="store_true", help="an admin key, for the usage and cost reports")
+    key.add_parser("list", help="list an organization's keys").add_argument("org")
+    key.add_parser("revoke", help="revoke a key").add_argument("key_id")
+    a.set_defaults(func=_accounts)
     pl = sub.add_parser("pull", help="fetch and cache a model ahead of time")
     pl.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     pl.set_defaults(func=_pull)
@@ -79,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, sqlite3.Error) as e:
         print(f"fastmode: error: {e}", file=sys.stderr)
         return 2
 

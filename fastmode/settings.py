@@ -3,16 +3,27 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastmode.config import EngineConfig, LaneConfig
+from fastmode.platform.accounts import LANES, LIMIT_KEYS
+from fastmode.platform.catalog import CatalogError, ModelEntry, entry_from_table
 
-SERVER_KEYS = {"host", "port", "model"}
+SERVER_KEYS = {"host", "port", "model", "database", "open_mode"}
 
 
 class SettingsError(ValueError):
     """The configuration file is unreadable or names an unknown setting."""
+
+
+@dataclass
+class Settings:
+    server: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    models: list[ModelEntry] = field(default_factory=list)  # empty: one entry for [server] model
+    limits: dict[str, dict[str, int]] = field(default_factory=dict)  # lane -> per-minute limits
 
 
 def _fields(cls: type) -> set[str]:
@@ -28,12 +39,29 @@ def _lane(raw: Any, where: str, default: LaneConfig) -> LaneConfig:
     return dataclasses.replace(default, **raw)
 
 
-def load_settings(path: str | Path) -> tuple[dict[str, Any], EngineConfig]:
-    """Return ([server] table, EngineConfig built from [engine], [engine.fast], [engine.standard])."""
+def _limits(raw: Any, path: str | Path) -> dict[str, dict[str, int]]:
+    if not isinstance(raw, dict) or set(raw) - set(LANES):
+        raise SettingsError(f"{path}: [limits] has the tables [limits.standard] and [limits.fast]")
+    for lane, table in raw.items():
+        if not isinstance(table, dict):
+            raise SettingsError(f"{path}: [limits.{lane}]: expected a table")
+        for key, value in table.items():
+            if key not in LIMIT_KEYS:
+                raise SettingsError(f"{path}: [limits.{lane}] has unknown setting {key} (of {', '.join(LIMIT_KEYS)})")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SettingsError(f"{path}: [limits.{lane}] {key} must be a non-negative integer")
+    return raw
+
+
+def load_settings(path: str | Path) -> Settings:
+    """[server], [engine] (+ [engine.fast], [engine.standard]), [limits.*] and [[models]]."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise SettingsError(f"{path}: {e}") from e
+    unknown = set(data) - {"server", "engine", "limits", "models"}
+    if unknown:
+        raise SettingsError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}")
     server = data.get("server", {})
     unknown = set(server) - SERVER_KEYS
     if unknown:
@@ -46,6 +74,14 @@ def load_settings(path: str | Path) -> tuple[dict[str, Any], EngineConfig]:
     if unknown:
         raise SettingsError(f"{path}: [engine] has unknown setting(s) {', '.join(sorted(unknown))}")
     try:
-        return server, EngineConfig(**engine, **lanes)
+        cfg = EngineConfig(**engine, **lanes)
     except TypeError as e:
         raise SettingsError(f"{path}: {e}") from e
+    models = data.get("models", [])
+    if not isinstance(models, list):
+        raise SettingsError(f"{path}: models must be an array of tables, [[models]]")
+    try:
+        entries = [entry_from_table(m, f"{path}: [[models]] #{i + 1}") for i, m in enumerate(models)]
+    except CatalogError as e:
+        raise SettingsError(str(e)) from e
+    return Settings(server, cfg, entries, _limits(data.get("limits", {}), path))

@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from conftest import running_server, small_engine_config
+from fastmode.platform.service import Platform
 from fastmode.server.app import build_state
 
 MODEL = "tiny-random"
@@ -136,26 +137,29 @@ def test_stop_sequences_and_max_tokens_zero(client):
 
 def test_client_disconnect_frees_kv_blocks(tiny_server):
     url, state = tiny_server
-    total = state.engine.blocks.num_blocks
+    total = state.backends[MODEL].engine.blocks.num_blocks
     body = {"model": MODEL, "max_tokens": 2000, "stream": True, "messages": [{"role": "user", "content": "go"}]}
     with httpx.stream("POST", url + "/v1/messages", json=body, headers=V) as r:
         for line in r.iter_lines():
             if line.startswith("event: content_block_delta"):
-                assert state.engine.blocks.num_free < total
+                assert state.backends[MODEL].engine.blocks.num_free < total
                 break
     deadline = time.monotonic() + 10
-    while state.engine.blocks.num_free != total and time.monotonic() < deadline:
+    while state.backends[MODEL].engine.blocks.num_free != total and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert state.engine.blocks.num_free == total
+    assert state.backends[MODEL].engine.blocks.num_free == total
 
 
 def test_api_keys_and_overload(tiny):
-    state = build_state(tiny, small_engine_config(max_waiting=0), api_keys=frozenset({"good"}))
+    platform = Platform(open_mode=False)
+    platform.accounts.create_org("acme")
+    _, secret = platform.accounts.create_key("acme")
+    state = build_state(tiny, small_engine_config(max_waiting=0), platform=platform)
     with running_server(state) as url:
         bad = anthropic.Anthropic(base_url=url, api_key="bad", max_retries=0)
         with pytest.raises(anthropic.AuthenticationError):
             bad.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x"}])
-        good = anthropic.Anthropic(base_url=url, api_key="good", max_retries=0)
+        good = anthropic.Anthropic(base_url=url, api_key=secret, max_retries=0)
         with pytest.raises(anthropic.InternalServerError) as e:  # 529 overloaded_error
             good.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "x"}])
         assert e.value.status_code == 529 and e.value.body["error"]["type"] == "overloaded_error"
@@ -222,9 +226,9 @@ def test_near_zero_temperature_is_greedy(url, client):
 
 def wait_all_free(state, timeout=15.0):
     deadline = time.monotonic() + timeout
-    while state.engine.blocks.num_free != state.engine.blocks.num_blocks and time.monotonic() < deadline:
+    while state.backends[MODEL].engine.blocks.num_free != state.backends[MODEL].engine.blocks.num_blocks and time.monotonic() < deadline:
         time.sleep(0.05)
-    return state.engine.blocks.num_free == state.engine.blocks.num_blocks
+    return state.backends[MODEL].engine.blocks.num_free == state.backends[MODEL].engine.blocks.num_blocks
 
 
 def test_leaving_right_after_message_start_or_mid_request_frees_blocks(tiny_server):

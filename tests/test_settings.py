@@ -5,8 +5,9 @@ from fastmode.settings import SettingsError, load_settings
 
 
 def test_example_config_loads(tmp_path):
-    server, cfg = load_settings("examples/fastmode.toml")
-    assert server["model"] == "smollm2-135m-instruct"
+    settings = load_settings("examples/fastmode.toml")
+    cfg = settings.engine
+    assert settings.server["model"] == "smollm2-135m-instruct" and settings.models == []
     assert cfg.fast.max_batch == 4 and cfg.fast.speculate and not cfg.standard.speculate
 
 

@@ -65,8 +65,8 @@ class Engine:
 
     # ---- thread-safe API -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
-            on_delta: Callable[[TokenDelta], None]) -> None:
-        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len)
+            on_delta: Callable[[TokenDelta], None], priority: int = 0) -> None:
+        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, priority=priority)
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if req.token_budget > capacity:
             raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "

@@ -66,6 +66,7 @@ class Request:
     # Tokens [0, num_computed_tokens) have K/V in the cache.
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    priority: int = 0  # within a lane, lower is admitted first (priority tier -1, batches 1)
 
     @property
     def token_ids(self) -> list[int]:

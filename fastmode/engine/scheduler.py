@@ -31,7 +31,13 @@ class Scheduler:
         return self.config.fast if lane is Lane.FAST else self.config.standard
 
     def add(self, request: Request) -> None:
-        self.waiting[request.lane].append(request)
+        """Queue behind every request of the same or a higher priority (lower number)."""
+        queue = self.waiting[request.lane]
+        if not queue or queue[-1].priority <= request.priority:
+            queue.append(request)
+            return
+        at = next(i for i, r in enumerate(queue) if r.priority > request.priority)
+        queue.insert(at, request)
 
     @property
     def num_waiting(self) -> int:

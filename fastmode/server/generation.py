@@ -41,13 +41,15 @@ class Generation:
     """One request's run through the engine, as an async iterator of text deltas."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 lane: Lane, stop_sequences: list[str], hold_tool_calls: bool) -> None:
+                 lane: Lane, stop_sequences: list[str], hold_tool_calls: bool, priority: int = 0) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt_ids, self.params, self.lane = prompt_ids, params, lane
         self.stops = stop_sequences
         self.hold_tool_calls = hold_tool_calls
+        self.priority = priority
         self.request_id = new_id("gen_")
         self.outcome = Outcome()
+        self.failed = False  # the engine failed or dropped it (as opposed to a client leaving)
 
     def _holdback(self, text: str) -> int:
         """Length of the longest suffix of `text` that may start a stop sequence or tool call."""
@@ -65,7 +67,7 @@ class Generation:
         loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self.engine.add(self.request_id, self.prompt_ids, self.params, self.lane,
-                        lambda d: loop.call_soon_threadsafe(self._inbox.put_nowait, d))
+                        lambda d: loop.call_soon_threadsafe(self._inbox.put_nowait, d), self.priority)
 
     def abort(self) -> None:
         """Stop the request in the engine and free its KV blocks (safe to repeat)."""
@@ -79,6 +81,8 @@ class Generation:
         try:
             while not finished:
                 delta = await inbox.get()
+                if delta.status in (Status.FINISHED_ERROR, Status.FINISHED_ABORTED):
+                    self.failed = True
                 if delta.status is Status.FINISHED_ERROR:
                     raise GenerationFailed("the engine failed while generating")
                 if delta.status is Status.FINISHED_ABORTED:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastmode.platform.catalog import EFFORT_LEVELS
 from fastmode.server.errors import InvalidRequest
 
 API_VERSIONS = ("2023-06-01", "2026-10-21")
@@ -13,6 +14,7 @@ INPUT_BLOCKS = {"text", "image", "document", "search_result", "thinking", "redac
                 "code_execution_tool_result", "bash_code_execution_tool_result",
                 "text_editor_code_execution_tool_result", "tool_search_tool_result", "container_upload"}
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+SERVICE_TIERS = ("auto", "standard_only", "priority")  # priority: our explicit ask for the Priority Tier
 
 
 @dataclass
@@ -38,6 +40,7 @@ class MessagesRequest:
     service_tier: str | None = None
     inference_geo: str | None = None
     thinking: dict[str, Any] | None = None
+    effort: str | None = None  # output_config.effort
 
 
 def _is_int(v: Any) -> bool:
@@ -177,8 +180,8 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         raise InvalidRequest("speed: Input should be 'standard' or 'fast'")
     req.speed = speed or "standard"
     tier = body.get("service_tier")
-    if tier is not None and tier not in ("auto", "standard_only"):
-        raise InvalidRequest("service_tier: Input should be 'auto' or 'standard_only'")
+    if tier is not None and tier not in SERVICE_TIERS:
+        raise InvalidRequest("service_tier: Input should be 'auto', 'standard_only' or 'priority'")
     req.service_tier = tier
     geo = body.get("inference_geo")
     if geo is not None and not isinstance(geo, str):
@@ -195,6 +198,14 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
             if not for_count and budget >= max_tokens:
                 raise InvalidRequest("thinking.budget_tokens: must be less than max_tokens")
         req.thinking = thinking
+    oc = body.get("output_config")
+    if oc is not None:
+        if not isinstance(oc, dict):
+            raise InvalidRequest("output_config: Input should be a valid object")
+        effort = oc.get("effort")
+        if effort is not None and effort not in EFFORT_LEVELS:
+            raise InvalidRequest(f"output_config.effort: Input should be one of {', '.join(EFFORT_LEVELS)}")
+        req.effort = effort
     return req
 
 

@@ -1,0 +1,291 @@
+"""POST /v1/messages and /v1/messages/count_tokens: catalog rules, speed, rate limits, the
+engine run (JSON or SSE) and the usage row every finished request writes."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from fastmode.engine.engine import EngineOverloaded, RequestTooLarge
+from fastmode.engine.request import Lane, SamplingParams
+from fastmode.platform.accounts import Organization, Principal
+from fastmode.platform.catalog import ModelEntry
+from fastmode.platform.ledger import Usage
+from fastmode.platform.ratelimit import RateLimitExceeded, retry_headers
+from fastmode.platform.service import Ticket
+from fastmode.server import errors
+from fastmode.server.errors import InvalidRequest, new_id
+from fastmode.server.generation import Generation, GenerationAborted
+from fastmode.server.http import ClientGone, betas, json_body, log
+from fastmode.server.policy import check_model_params, effort_instruction, resolve_service_tier, resolve_speed
+from fastmode.server.prompt import parse_output, render_prompt
+from fastmode.server.state import Backend, ServerState
+from fastmode.server.validate import MessagesRequest, parse_messages_request
+
+DISCONNECT_POLL_S = 0.5
+PRIORITY = {"priority": -1, "standard": 0, "batch": 1}  # engine admission order within a lane
+
+
+@dataclass
+class Prepared:
+    """A validated request with its model, prompt ids, and the speed and tier it runs at."""
+
+    req: MessagesRequest
+    entry: ModelEntry
+    backend: Backend
+    ids: list[int]
+    speed: str
+    service_tier: str
+    inference_geo: str
+
+    def usage(self, output_tokens: int) -> dict[str, Any]:
+        return {"input_tokens": len(self.ids), "output_tokens": output_tokens, "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+                "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+                "service_tier": self.service_tier, "speed": self.speed, "inference_geo": self.inference_geo,
+                "server_tool_use": None}
+
+    def ledger_usage(self, output_tokens: int) -> Usage:
+        return Usage(uncached_input_tokens=len(self.ids), output_tokens=output_tokens)
+
+
+def resolve_model(state: ServerState, name: str) -> ModelEntry:
+    entry = state.catalog.resolve(name)
+    if entry is None:
+        served = ", ".join(e.id for e in state.catalog.entries)
+        raise errors.NotFound(f"model: {name} (this server serves {served})")
+    return entry
+
+
+def _prompt_ids(req: MessagesRequest, backend: Backend) -> list[int]:
+    """Render and tokenize (CPU work: callers run it off the event loop)."""
+    tok = backend.loaded.tokenizer
+    text = render_prompt(req, backend.template)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest(f"the request contains text that is not valid Unicode ({e.reason}); "
+                             f"send UTF-8 text without lone surrogate escapes") from e
+    ids = tok.encode(text)
+    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        ids = [tok.bos_id] + ids
+    return ids
+
+
+async def prepare(state: ServerState, body: Any, version: str, beta: set[str], org: Organization, *,
+                  for_count: bool = False, batch: bool = False) -> Prepared:
+    req = parse_messages_request(body, version, for_count=for_count)
+    entry = resolve_model(state, req.model)
+    check_model_params(req, entry)
+    speed = resolve_speed(req, entry, org, beta, batch=batch)
+    tier = "batch" if batch else resolve_service_tier(req, org, speed)
+    instruction = effort_instruction(req)
+    if instruction:
+        req.system = [*req.system, {"type": "text", "text": instruction}]
+    backend = state.backend(entry)
+    ids = await run_in_threadpool(_prompt_ids, req, backend)
+    window = state.context_window(entry)
+    if not for_count:
+        if len(ids) >= window:
+            raise InvalidRequest(f"prompt is too long: {len(ids)} tokens >= {window} maximum "
+                                 f"(the context window of {entry.id})")
+        if req.max_tokens > window:
+            raise InvalidRequest(f"max_tokens: {req.max_tokens} > {window}, which is the maximum allowed number "
+                                 f"of output tokens for {entry.id}")
+    return Prepared(req, entry, backend, ids, speed, tier, req.inference_geo or "global")
+
+
+def sampling(prep: Prepared) -> SamplingParams:
+    req, d = prep.req, prep.backend.loaded.defaults
+    if req.temperature is None and req.top_p is None and req.top_k is None:
+        t, p, k = d.temperature, d.top_p, d.top_k  # the model's default decoding
+    else:
+        t = 1.0 if req.temperature is None else float(req.temperature)  # the API's default temperature
+        p = 1.0 if req.top_p is None else float(req.top_p)
+        k = req.top_k or 0
+    return SamplingParams(max_tokens=req.max_tokens, temperature=t, top_p=p, top_k=k)
+
+
+def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
+    """Queue the request in its engine; a refusal releases the ticket's reservation."""
+    lane = Lane.FAST if prep.speed == "fast" else Lane.STANDARD
+    gen = Generation(prep.backend.engine, prep.backend.loaded.tokenizer, prep.ids, sampling(prep), lane,
+                     prep.req.stop_sequences, hold_tool_calls=bool(prep.req.tools),
+                     priority=PRIORITY[prep.service_tier])
+    try:
+        gen.start()
+    except EngineOverloaded as e:
+        ticket.release()
+        raise errors.Overloaded(f"Overloaded: {e}") from e
+    except RequestTooLarge as e:
+        ticket.release()
+        raise InvalidRequest(str(e)) from e
+    return gen
+
+
+def finish(gen: Generation, ticket: Ticket, prep: Prepared) -> None:
+    out = gen.outcome
+    ticket.finish(prep.ledger_usage(out.output_tokens), out.stop_reason or ("error" if gen.failed else "canceled"))
+
+
+def message_json(msg_id: str, model: str, content: list[dict[str, Any]], stop_reason: str | None,
+                 stop_sequence: str | None, usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "stop_details": None, "usage": usage}
+
+
+def final_message(prep: Prepared, gen: Generation, msg_id: str) -> dict[str, Any]:
+    out = gen.outcome
+    content = parse_output(out.text + out.tail, prep.req.tools)
+    stop = "tool_use" if any(b["type"] == "tool_use" for b in content) else out.stop_reason
+    return message_json(msg_id, prep.entry.id, content, stop, out.stop_sequence if stop == "stop_sequence" else None,
+                        prep.usage(out.output_tokens))
+
+
+def admit(state: ServerState, principal: Principal, prep: Prepared, request_id: str) -> Ticket:
+    try:
+        return state.platform.admit(principal.org, principal.api_key_id, prep.entry, request_id=request_id,
+                                    speed=prep.speed, service_tier=prep.service_tier,
+                                    inference_geo=prep.inference_geo, input_tokens=len(prep.ids),
+                                    max_tokens=prep.req.max_tokens)
+    except RateLimitExceeded as e:
+        pool = "fast mode" if prep.speed == "fast" else "standard"
+        what = e.dimension.replace("_", " ")
+        if e.never:
+            msg = (f"This request's {what} exceed your organization's {pool} rate limit per minute on their own; "
+                   f"lower max_tokens or the prompt" + (", or send it without speed \"fast\"" if prep.speed == "fast"
+                                                        else ""))
+        else:
+            msg = (f"This request would exceed your organization's {pool} rate limit for {what} per minute; "
+                   f"retry after {e.retry_after:.1f} s" + (" or send it without speed \"fast\""
+                                                           if prep.speed == "fast" else ""))
+        raise errors.RateLimited(msg, headers=retry_headers(e)) from e
+
+
+async def create_message(request: Request, state: ServerState) -> Response:
+    principal: Principal = request.state.principal
+    prep = await prepare(state, await json_body(request), request.state.api_version, betas(request), principal.org)
+    ticket = admit(state, principal, prep, request.state.request_id)
+    msg_id = new_id("msg_")
+    if prep.req.max_tokens == 0:
+        ticket.finish(prep.ledger_usage(0), "max_tokens")
+        if prep.req.stream:
+            return StreamingResponse(_empty_stream(msg_id, prep), media_type="text/event-stream",
+                                     headers=ticket.headers)
+        return JSONResponse(message_json(msg_id, prep.entry.id, [], "max_tokens", None, prep.usage(0)),
+                            headers=ticket.headers)
+    gen = start_generation(prep, ticket)
+    if prep.req.stream:
+        return GenerationStream(gen, ticket, prep, _stream(gen, msg_id, prep))
+    try:
+        await _run_to_end(gen, request)
+    finally:
+        finish(gen, ticket, prep)
+    return JSONResponse(final_message(prep, gen, msg_id), headers=ticket.headers)
+
+
+class GenerationStream(StreamingResponse):
+    """An SSE response that aborts its generation and records its usage however the response
+    ends, even when the client leaves before the body iterator has started."""
+
+    def __init__(self, gen: Generation, ticket: Ticket, prep: Prepared, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache", **ticket.headers})
+        self.gen, self.ticket, self.prep = gen, ticket, prep
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.abort()
+            finish(self.gen, self.ticket, self.prep)
+
+
+async def run_to_end(gen: Generation) -> None:
+    """Drain a generation; the engine's shutdown becomes a 529."""
+    try:
+        async for _ in gen.stream():
+            pass
+    except GenerationAborted as e:
+        raise errors.Overloaded(str(e)) from e
+
+
+async def _run_to_end(gen: Generation, request: Request) -> None:
+    """Drain a non-streaming generation; abort it if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(run_to_end(gen))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()  # its finally aborts the request in the engine
+            await asyncio.gather(task, return_exceptions=True)
+    task.result()
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _empty_stream(msg_id: str, prep: Prepared) -> AsyncIterator[bytes]:
+    yield _sse("message_start", {"type": "message_start",
+                                 "message": message_json(msg_id, prep.entry.id, [], None, None, prep.usage(0))})
+    yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None,
+                                                                     "stop_details": None}, "usage": {"output_tokens": 0}})
+    yield _sse("message_stop", {"type": "message_stop"})
+
+
+async def _stream(gen: Generation, msg_id: str, prep: Prepared) -> AsyncIterator[bytes]:
+    yield _sse("message_start", {"type": "message_start",
+                                 "message": message_json(msg_id, prep.entry.id, [], None, None, prep.usage(0))})
+    yield _sse("ping", {"type": "ping"})
+    index, text_open = 0, False
+    try:
+        async for chunk in gen.stream():
+            if not text_open:
+                yield _sse("content_block_start", {"type": "content_block_start", "index": index,
+                                                   "content_block": {"type": "text", "text": ""}})
+                text_open = True
+            yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                               "delta": {"type": "text_delta", "text": chunk}})
+    except GenerationAborted as e:
+        yield _sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": str(e)}})
+        return
+    except Exception:
+        log.exception("generation failed")
+        yield _sse("error", {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}})
+        return
+    if text_open:
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    out = gen.outcome
+    stop = out.stop_reason
+    for block in parse_output(out.tail, prep.req.tools) if out.tail else []:
+        if block["type"] == "text":  # a malformed tool call stays text
+            start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
+        else:
+            stop = "tool_use"
+            start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
+        yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": start})
+        yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    stop_sequence = out.stop_sequence if stop == "stop_sequence" else None
+    yield _sse("message_delta", {"type": "message_delta",
+                                 "delta": {"stop_reason": stop, "stop_sequence": stop_sequence, "stop_details": None},
+                                 "usage": {"output_tokens": out.output_tokens}})
+    yield _sse("message_stop", {"type": "message_stop"})
+
+
+async def count_tokens(request: Request, state: ServerState) -> Response:
+    principal: Principal = request.state.principal
+    prep = await prepare(state, await json_body(request), request.state.api_version, betas(request), principal.org,
+                         for_count=True)
+    return JSONResponse({"input_tokens": len(prep.ids)})
