@@ -36,6 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
     from fastmode.server.app import build_state, create_app
     from fastmode.weights.registry import load_model
 
+    if os.environ.get("FASTMODE_API_KEYS"):
+        raise ValueError("FASTMODE_API_KEYS is no longer read: create keys with `fastmode accounts key create ORG` "
+                         "and set `open_mode = false` in the [server] table of --config")
     settings = _settings(args)
     server, cfg = settings.server, settings.engine
     # command-line flags win over the file, the file over the defaults

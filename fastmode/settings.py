@@ -66,6 +66,8 @@ def load_settings(path: str | Path) -> Settings:
     unknown = set(server) - SERVER_KEYS
     if unknown:
         raise SettingsError(f"{path}: [server] has unknown setting(s) {', '.join(sorted(unknown))}")
+    if "open_mode" in server and not isinstance(server["open_mode"], bool):
+        raise SettingsError(f"{path}: [server] open_mode must be true or false (not a string)")
     engine = dict(data.get("engine", {}))
     base = EngineConfig()
     lanes = {name: _lane(engine.pop(name), f"{path}: [engine.{name}]", getattr(base, name))

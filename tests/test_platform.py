@@ -192,6 +192,9 @@ def test_keys_enrollment_and_admin_rights(tiny):
         h = {"anthropic-version": "2023-06-01"}
         assert httpx.get(url + report, headers={**h, "x-api-key": speedy}).status_code == 403
         assert httpx.get(url + report, headers={**h, "x-api-key": admin}).status_code == 200
+        with pytest.raises(anthropic.PermissionDeniedError, match="admin API keys"):  # admin keys: admin APIs only
+            anthropic.Anthropic(base_url=url, api_key=admin, max_retries=0).messages.create(
+                model="claude-opus-4-7", max_tokens=2, messages=HI)
         # only hashes are stored
         stored = {r["key_hash"] for r in platform.db.query("SELECT key_hash FROM api_keys")}
         assert speedy not in stored and len(stored) == 4
@@ -456,8 +459,14 @@ def test_batch_cancel_and_bad_input(tiny):
                              ("GET", "/v1/messages/batches/msgbatch_nope/results"), ("DELETE", "/v1/messages/batches/msgbatch_nope")]:
             r = httpx.request(method, url + path, headers=H)
             assert r.status_code == 404, (method, path, r.text)
-        r = httpx.get(f"{url}/v1/messages/batches?limit=0", headers=H)
-        assert r.status_code == 400
+        for limit in ("0", "abc", "%C2%B2", "1001"):
+            r = httpx.get(f"{url}/v1/messages/batches?limit={limit}", headers=H)
+            assert r.status_code == 400 and "limit" in r.json()["error"]["message"], limit
+        # an item whose text cannot be encoded ends errored, and its batch ends
+        body = json.dumps({"requests": [{"custom_id": "odd", "params": {  # \ud800 escaped: the SDK cannot send it
+            "model": "claude-opus-4-7", "max_tokens": 5, "messages": [{"role": "user", "content": "x\ud800"}]}}]})
+        r = httpx.post(f"{url}/v1/messages/batches", content=body, headers={**H, "content-type": "application/json"})
+        assert wait_ended(c, r.json()["id"]).request_counts.errored == 1
 
 
 def test_batch_items_wait_behind_interactive_requests(make_engine):
@@ -471,3 +480,31 @@ def test_batch_items_wait_behind_interactive_requests(make_engine):
     for rid, prio in order:
         sched.add(Request(rid, [1, 2], p, Lane.STANDARD, lambda d: None, 64, priority=prio))
     assert [r.request_id for r in sched.waiting[Lane.STANDARD]] == ["p1", "i1", "i2", "b1", "b2"]
+
+
+def test_org_limit_overrides_set_and_remove(tiny):
+    platform = Platform(limits={"fast": {"requests_per_minute": 5}})
+    acc = platform.accounts
+    acc.create_org("acme")
+    org = acc.update_org("acme", limits={"fast": {"requests_per_minute": 50}})
+    assert platform.lane_limits(org, "fast").requests_per_minute == 50
+    org = acc.update_org("acme", limits={"fast": {"requests_per_minute": None}})  # back to the server's limit
+    assert platform.lane_limits(org, "fast").requests_per_minute == 5
+    with pytest.raises(ValueError, match="lane"):
+        acc.update_org("acme", fast_mode=True, limits={"slow": {"requests_per_minute": 1}})
+    assert not acc.org("acme").fast_mode  # nothing was applied
+
+
+def test_a_request_refused_after_admission_gives_everything_back(tiny):
+    limits = {"standard": {"requests_per_minute": 2, "input_tokens_per_minute": 10_000}}
+    with catalog_server(tiny, limits=limits, clock=Clock(), max_waiting=0) as (url, platform):
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        for _ in range(4):  # the engine queue is full: 529s, and none of them uses up the pool
+            with pytest.raises(anthropic.InternalServerError) as e:
+                c.messages.create(model="claude-opus-4-7", max_tokens=2, messages=HI)
+            assert e.value.status_code == 529
+        assert platform.db.query("SELECT COUNT(*) AS n FROM usage")[0]["n"] == 0
+        org = platform.accounts.org("default")
+        h = platform.snapshot_headers(org, "standard")
+        assert h["anthropic-ratelimit-requests-remaining"] == "2"
+        assert h["anthropic-ratelimit-input-tokens-remaining"] == "10000"

@@ -31,3 +31,18 @@ def test_cli_parses_the_documented_commands():
     assert p.parse_args(["pull"]).model == "smollm2-135m-instruct"
     b = p.parse_args(["bench", "--url", "http://127.0.0.1:8000", "--concurrency", "8"])
     assert b.concurrency == 8 and b.workload.endswith("dev.jsonl")
+
+
+def test_legacy_api_keys_variable_refuses_to_start(monkeypatch, capsys):
+    from fastmode.cli import main
+
+    monkeypatch.setenv("FASTMODE_API_KEYS", "k1")
+    assert main(["serve", "--model", "tiny-random"]) == 2
+    assert "open_mode = false" in capsys.readouterr().err
+
+
+def test_open_mode_must_be_a_boolean(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nopen_mode = "false"\n')
+    with pytest.raises(SettingsError, match="open_mode"):
+        load_settings(bad)

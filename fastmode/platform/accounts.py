@@ -32,7 +32,7 @@ class Organization:
     fast_mode: bool
     zero_data_retention: bool
     priority_tier: bool
-    limits: dict[str, dict[str, int | None]]  # lane -> overrides of the server's per-minute limits
+    limits: dict[str, dict[str, int]]  # lane -> overrides of the server's per-minute limits
 
     @classmethod
     def from_row(cls, row: Any) -> Organization:
@@ -111,21 +111,25 @@ class Accounts:
         unknown = set(flags) - set(ORG_FLAGS)
         if unknown:
             raise AccountError(f"unknown organization setting(s) {', '.join(sorted(unknown))}")
-        for flag, value in flags.items():
-            self.db.execute(f"UPDATE organizations SET {flag} = ? WHERE id = ?", (int(bool(value)), org.id))
-        if limits is not None:
-            merged = {lane: dict(org.limits.get(lane, {})) for lane in LANES}
-            for lane, values in limits.items():
-                if lane not in LANES:
-                    raise AccountError(f"limits: lane {lane!r} is standard or fast")
-                for key, value in values.items():
-                    if key not in LIMIT_KEYS:
-                        raise AccountError(f"limits: {key!r} is one of {', '.join(LIMIT_KEYS)}")
-                    if value is not None and (not isinstance(value, int) or value < 0):
-                        raise AccountError(f"limits: {lane}.{key} must be a non-negative integer")
+        merged = {lane: dict(org.limits.get(lane, {})) for lane in LANES}
+        for lane, values in (limits or {}).items():
+            if lane not in LANES:
+                raise AccountError(f"limits: lane {lane!r} is standard or fast")
+            for key, value in values.items():
+                if key not in LIMIT_KEYS:
+                    raise AccountError(f"limits: {key!r} is one of {', '.join(LIMIT_KEYS)}")
+                if value is not None and (not isinstance(value, int) or value < 0):
+                    raise AccountError(f"limits: {lane}.{key} must be a non-negative integer")
+                if value is None:
+                    merged[lane].pop(key, None)  # back to the server's limit
+                else:
                     merged[lane][key] = value
-            self.db.execute("UPDATE organizations SET limits = ? WHERE id = ?",
-                            (json.dumps({k: v for k, v in merged.items() if v}), org.id))
+        with self.db.transaction() as conn:  # validated above: all or nothing
+            for flag, value in flags.items():
+                conn.execute(f"UPDATE organizations SET {flag} = ? WHERE id = ?", (int(bool(value)), org.id))
+            if limits is not None:
+                conn.execute("UPDATE organizations SET limits = ? WHERE id = ?",
+                             (json.dumps({k: v for k, v in merged.items() if v}), org.id))
         return self.org(org.id)
 
     # keys

@@ -59,6 +59,11 @@ class Admission:
         self._limiter = limiter
         self._seconds_per_token = seconds_per_token
         self._settled = False
+        self.charges: dict[str, float] = {}  # seconds of each dimension's bucket this admission took
+
+    def cancel(self) -> None:
+        """The request never ran: give back everything it took (request, input, output); once."""
+        self._limiter._cancel(self)
 
     def settle(self, output_tokens_used: int) -> None:
         """Give back the unused part of the output-token reservation; later calls do nothing."""
@@ -101,14 +106,18 @@ class RateLimiter:
             if waits:
                 dim = max(waits, key=waits.__getitem__)
                 raise RateLimitExceeded(dim, waits[dim], False, self._headers(pool, limits, now))
+            charges = {}
             for dim, cost in costs.items():
                 limit = limits.of(dim)
                 if limit is not None and cost:
                     key = (pool, dim)
-                    self._tat[key] = max(self._tat.get(key, now), now) + cost * WINDOW / limit
+                    charges[dim] = cost * WINDOW / limit
+                    self._tat[key] = max(self._tat.get(key, now), now) + charges[dim]
             out_limit = limits.output_tokens_per_minute
-            return Admission(self, pool, output_tokens, WINDOW / out_limit if out_limit else None,
-                             self._headers(pool, limits, now))
+            admission = Admission(self, pool, output_tokens, WINDOW / out_limit if out_limit else None,
+                                  self._headers(pool, limits, now))
+            admission.charges = charges
+            return admission
 
     def snapshot_headers(self, pool: Pool, limits: LaneLimits) -> dict[str, str]:
         """The pool's rate-limit headers now, without admitting anything."""
@@ -125,6 +134,17 @@ class RateLimiter:
             key = (admission.pool, "output_tokens")
             if unused and admission._seconds_per_token is not None and key in self._tat:
                 self._tat[key] = max(self._now(), self._tat[key] - unused * admission._seconds_per_token)
+
+    def _cancel(self, admission: Admission) -> None:
+        with self._lock:
+            if admission._settled:
+                return
+            admission._settled = True
+            now = self._now()
+            for dim, seconds in admission.charges.items():
+                key = (admission.pool, dim)
+                if key in self._tat:
+                    self._tat[key] = max(now, self._tat[key] - seconds)
 
     def _now(self) -> float:
         return self._clock() - self._origin

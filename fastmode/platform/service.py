@@ -30,19 +30,21 @@ class Ticket:
     admission: Admission | None
     headers: dict[str, str] = field(default_factory=dict)
     charge: Charge | None = None
+    released: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def release(self) -> None:
-        """The request never ran (refused after admission): return its reservation, record nothing."""
+        """The request never ran (refused after admission, or a batch item cut off): give back
+        what it took from its pool and record nothing."""
         with self._lock:
             if self.charge is None and self.admission is not None:
-                self.admission.settle(0)
-                self.admission = None
+                self.admission.cancel()
+            self.released = True
 
     def finish(self, usage: Usage, outcome: str) -> Charge | None:
         """Settle the reservation and record the usage row; later calls do nothing."""
         with self._lock:
-            if self.charge is not None:
+            if self.charge is not None or self.released:
                 return None
             if self.admission is not None:
                 self.admission.settle(usage.output_tokens)

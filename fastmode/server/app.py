@@ -13,7 +13,7 @@ from starlette.routing import Route
 from fastmode.platform.catalog import EFFORT_LEVELS, THINKING_TYPES, ModelEntry
 from fastmode.server import admin, batches, errors
 from fastmode.server.errors import InvalidRequest, new_id
-from fastmode.server.http import endpoint
+from fastmode.server.http import endpoint, limit_param
 from fastmode.server.messages import count_tokens, create_message
 from fastmode.server.state import ServerState, build_state  # noqa: F401  (build_state: the public constructor)
 
@@ -41,14 +41,11 @@ def _model_info(state: ServerState, e: ModelEntry) -> dict[str, Any]:
 
 async def list_models(request: Request, state: ServerState) -> Response:
     q = request.query_params
-    limit = q.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise InvalidRequest("limit: Input should be an integer between 1 and 1000")
+    n = limit_param(request)
     ids = [e.id for e in state.catalog.entries]
     for name in ("after_id", "before_id"):
         if q.get(name) is not None and q[name] not in ids:
             raise InvalidRequest(f"{name}: {q[name]!r} is not a model id of this server")
-    n = int(limit)
     if q.get("after_id"):
         lo = ids.index(q["after_id"]) + 1
         hi = min(lo + n, len(ids))

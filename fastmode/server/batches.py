@@ -17,7 +17,7 @@ from fastmode.platform.accounts import Principal
 from fastmode.platform.db import Database
 from fastmode.server import errors
 from fastmode.server.errors import APIError, InvalidRequest, error_body, new_id
-from fastmode.server.http import betas, endpoint, json_body, log
+from fastmode.server.http import betas, endpoint, json_body, limit_param, log
 from fastmode.server.messages import finish, final_message, message_json, prepare, run_to_end, start_generation
 from fastmode.server.state import ServerState
 
@@ -114,10 +114,7 @@ async def get_batch(request: Request, state: ServerState) -> Response:
 
 async def list_batches(request: Request, state: ServerState) -> Response:
     q, org = request.query_params, request.state.principal.org.id
-    limit = q.get("limit", "20")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise InvalidRequest("limit: Input should be an integer between 1 and 1000")
-    n, db = int(limit), state.platform.db
+    n, db = limit_param(request), state.platform.db
     seq_of = {}
     for name in ("after_id", "before_id"):
         if q.get(name):
@@ -165,7 +162,7 @@ async def batch_results(request: Request, state: ServerState) -> Response:
     if row["ended_at"] is None:
         raise InvalidRequest(f"message batch {row['id']} has not ended yet; its results are available once "
                              f"processing_status is 'ended'")
-    lines = (json.dumps({"custom_id": r["custom_id"], "result": json.loads(r["result"])}, ensure_ascii=False)
+    lines = (json.dumps({"custom_id": r["custom_id"], "result": json.loads(r["result"])})
              for r in state.platform.db.query("SELECT custom_id, result FROM batch_items WHERE batch_id = ? "
                                               "ORDER BY idx", (row["id"],)))
     return Response("".join(line + "\n" for line in lines), media_type="application/x-jsonl")
@@ -255,9 +252,16 @@ class BatchRunner:
             (final, json.dumps({"type": final}), batch_id))
 
     def _store(self, key: tuple[str, int], result: dict[str, Any]) -> None:
-        self.state.platform.db.execute(
-            "UPDATE batch_items SET state = ?, result = ?, params = '' WHERE batch_id = ? AND idx = ? "
-            "AND state = 'processing'", (result["type"], json.dumps(result, ensure_ascii=False), *key))
+        """Record an item's result (ASCII JSON: lone surrogates from the input cannot break it)."""
+        sql = ("UPDATE batch_items SET state = ?, result = ?, params = '' WHERE batch_id = ? AND idx = ? "
+               "AND state = 'processing'")
+        try:
+            self.state.platform.db.execute(sql, (result["type"], json.dumps(result), *key))
+        except Exception:
+            log.exception("storing the result of batch item %s/%d failed", *key)
+            fallback = {"type": "errored", "error": error_body(errors.InternalError("Internal server error"),
+                                                              new_id("req_"))}
+            self.state.platform.db.execute(sql, ("errored", json.dumps(fallback), *key))
 
     async def _run(self, key: tuple[str, int]) -> None:
         state, db = self.state, self.state.platform.db
@@ -284,9 +288,12 @@ class BatchRunner:
                 gen = start_generation(prep, ticket)
                 try:
                     await run_to_end(gen)
+                except asyncio.CancelledError:
+                    ticket.release()  # cut off (cancel, expiry, shutdown): no result, so no charge
+                    raise
                 finally:
                     gen.abort()
-                    finish(gen, ticket, prep)
+                    finish(gen, ticket, prep)  # does nothing after a release
                 message = final_message(prep, gen, msg_id)
             self._store(key, {"type": "succeeded", "message": message})
         except errors.Overloaded:

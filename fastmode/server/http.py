@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any, Awaitable, Callable
 
 from starlette.requests import Request
@@ -41,6 +42,8 @@ def endpoint(handler: Handler, *, versioned: bool = True, admin: bool = False,
                 if admin and not principal.admin:
                     raise errors.PermissionDenied("this endpoint requires an admin API key "
                                                   "(fastmode accounts key create ORG --admin)")
+                if not admin and principal.admin and principal.api_key_id is not None:
+                    raise errors.PermissionDenied("admin API keys reach the admin APIs only; use a regular API key")
             if versioned:
                 request.state.api_version = _check_version(request)
             response = await handler(request, state)
@@ -70,6 +73,13 @@ def authenticate(request: Request, state: ServerState) -> Principal:
         raise errors.AuthenticationError(str(e)) from e
     request.state.principal = principal
     return principal
+
+
+def limit_param(request: Request, default: int = 20, maximum: int = 1000) -> int:
+    raw = request.query_params.get("limit", str(default))
+    if not re.fullmatch(r"[0-9]{1,7}", raw) or not 1 <= int(raw) <= maximum:
+        raise InvalidRequest(f"limit: Input should be an integer between 1 and {maximum}")
+    return int(raw)
 
 
 def betas(request: Request) -> set[str]:
