@@ -41,22 +41,27 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(state: ServerState) -> Iterator[str]:
-    """Serve `state` with uvicorn on a free loopback port; yield the base URL."""
+def serve_asgi(app, what: str = "test server") -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port; yield the base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.05)
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def running_server(state: ServerState):
+    """Serve `state` on a free loopback port; a context manager yielding the base URL."""
+    return serve_asgi(create_app(state))
 
 
 @pytest.fixture(scope="module")
