@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmode.config import EngineConfig, LaneConfig
-from fastmode.platform.accounts import LANES, LIMIT_KEYS
+from fastmode.platform.accounts import AccountError, check_limits
 from fastmode.platform.catalog import CatalogError, ModelEntry, entry_from_table
 
 SERVER_KEYS = {"host", "port", "model", "database", "open_mode"}
@@ -40,16 +40,10 @@ def _lane(raw: Any, where: str, default: LaneConfig) -> LaneConfig:
 
 
 def _limits(raw: Any, path: str | Path) -> dict[str, dict[str, int]]:
-    if not isinstance(raw, dict) or set(raw) - set(LANES):
-        raise SettingsError(f"{path}: [limits] has the tables [limits.standard] and [limits.fast]")
-    for lane, table in raw.items():
-        if not isinstance(table, dict):
-            raise SettingsError(f"{path}: [limits.{lane}]: expected a table")
-        for key, value in table.items():
-            if key not in LIMIT_KEYS:
-                raise SettingsError(f"{path}: [limits.{lane}] has unknown setting {key} (of {', '.join(LIMIT_KEYS)})")
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SettingsError(f"{path}: [limits.{lane}] {key} must be a non-negative integer")
+    try:
+        check_limits(raw, f"{path}: [limits]")
+    except AccountError as e:
+        raise SettingsError(str(e)) from e
     return raw
 
 

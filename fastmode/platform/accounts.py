@@ -5,16 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
 
 from fastmode.platform.db import Database
+from fastmode.platform.ratelimit import LANES, LaneLimits
 
 DEFAULT_ORG = "default"
 ORG_FLAGS = ("fast_mode", "zero_data_retention", "priority_tier")
-LIMIT_KEYS = ("requests_per_minute", "input_tokens_per_minute", "output_tokens_per_minute")
-LANES = ("standard", "fast")
+LIMIT_KEYS = tuple(f.name for f in fields(LaneLimits))
 
 
 class AccountError(ValueError):
@@ -58,6 +58,21 @@ class Principal:
     org: Organization
     api_key_id: str | None
     admin: bool
+
+
+def check_limits(limits: object, where: str, *, allow_none: bool = False) -> None:
+    """Per-lane per-minute limits: {lane: {key: non-negative int}} (None removes an override)."""
+    if not isinstance(limits, dict) or set(limits) - set(LANES):
+        raise AccountError(f"{where}: the lanes are {' and '.join(LANES)}")
+    for lane, values in limits.items():
+        if not isinstance(values, dict):
+            raise AccountError(f"{where}.{lane}: expected a table of limits")
+        for key, value in values.items():
+            if key not in LIMIT_KEYS:
+                raise AccountError(f"{where}.{lane}: unknown setting {key!r} (of {', '.join(LIMIT_KEYS)})")
+            if not (value is None and allow_none) and (
+                    not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise AccountError(f"{where}.{lane}.{key} must be a non-negative integer")
 
 
 def _now() -> str:
@@ -111,15 +126,10 @@ class Accounts:
         unknown = set(flags) - set(ORG_FLAGS)
         if unknown:
             raise AccountError(f"unknown organization setting(s) {', '.join(sorted(unknown))}")
+        check_limits(limits or {}, "limits", allow_none=True)
         merged = {lane: dict(org.limits.get(lane, {})) for lane in LANES}
         for lane, values in (limits or {}).items():
-            if lane not in LANES:
-                raise AccountError(f"limits: lane {lane!r} is standard or fast")
             for key, value in values.items():
-                if key not in LIMIT_KEYS:
-                    raise AccountError(f"limits: {key!r} is one of {', '.join(LIMIT_KEYS)}")
-                if value is not None and (not isinstance(value, int) or value < 0):
-                    raise AccountError(f"limits: {lane}.{key} must be a non-negative integer")
                 if value is None:
                     merged[lane].pop(key, None)  # back to the server's limit
                 else:

@@ -14,7 +14,7 @@ from fastmode.platform.catalog import EFFORT_LEVELS, THINKING_TYPES, ModelEntry
 from fastmode.server import admin, batches, errors
 from fastmode.server.errors import InvalidRequest, new_id
 from fastmode.server.http import endpoint, limit_param
-from fastmode.server.messages import count_tokens, create_message
+from fastmode.server.messages import count_tokens, create_message, resolve_model
 from fastmode.server.state import ServerState, build_state  # noqa: F401  (build_state: the public constructor)
 
 
@@ -64,11 +64,7 @@ async def list_models(request: Request, state: ServerState) -> Response:
 
 
 async def get_model(request: Request, state: ServerState) -> Response:
-    model_id = request.path_params["model_id"]
-    entry = state.catalog.resolve(model_id)
-    if entry is None:
-        raise errors.NotFound(f"model: {model_id}")
-    return JSONResponse(_model_info(state, entry))
+    return JSONResponse(_model_info(state, resolve_model(state, request.path_params["model_id"])))
 
 
 async def health(request: Request, state: ServerState) -> Response:
