@@ -52,3 +52,16 @@ def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
     write_workload(wl)
     assert main(["bench", "--url", "http://127.0.0.1:9", "--workload", str(wl), "--out", str(tmp_path)]) == 2
     assert "could not talk to http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_bench_prompt_cache_measures_cold_and_cached_at_both_speeds(tiny_server, tmp_path):
+    url, _ = tiny_server
+    assert main(["bench", "--url", url, "--prompt-cache", "--rounds", "2", "--prompt-tokens", "1200",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "prompt_cache.json").read_text())
+    assert res["cross_speed_reads"] == [0, 0]
+    for speed in ("standard", "fast"):
+        row = res["speeds"][speed]
+        assert row["prompt_tokens"] >= 1024 and row["warm_read"] == row["prompt_tokens"]
+    assert res["identical_outputs"] == [2, 2]
+    assert {(s["speed"], s["served"]) for s in res["samples"]} == {("standard", "standard"), ("fast", "fast")}

@@ -62,3 +62,42 @@ def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(client):
     assert len(items) >= 15
     for item, s, f in zip(items, standard, fast):
         assert s == f, f"lanes differ on a {item['category']} prompt"
+
+
+def test_prompt_cache_hit_reads_the_prefix_and_answers_the_same(client):
+    doc = " ".join(f"Line {i}: the ledger of port {i % 7} lists grain, salt and timber." for i in range(90))
+    system = [{"type": "text", "text": doc, "cache_control": {"type": "ephemeral"}}]
+    kw = dict(model=DEFAULT_MODEL, max_tokens=24, system=system,
+              messages=[{"role": "user", "content": "Which goods does the ledger list?"}])
+    cold = client.messages.create(**kw)
+    warm = client.messages.create(**kw)
+    fast = client.messages.create(speed="fast", **kw)
+    total = client.messages.count_tokens(model=DEFAULT_MODEL, system=system, messages=kw["messages"]).input_tokens
+    p = cold.usage.cache_creation_input_tokens
+    assert 1024 <= p < total and cold.usage.input_tokens == total - p  # the question stays uncached
+    assert (warm.usage.cache_read_input_tokens, warm.usage.input_tokens) == (p, total - p)
+    assert fast.usage.cache_read_input_tokens == 0 and fast.usage.cache_creation_input_tokens == p
+    assert cold.content[0].text == warm.content[0].text == fast.content[0].text
+
+
+def test_breakpoints_fall_where_their_blocks_end_with_the_real_tokenizer():
+    from fastmode.server.messages import _prompt
+    from fastmode.server.validate import parse_messages_request
+
+    state = build_state(load_model(DEFAULT_MODEL), EngineConfig(kv_cache_tokens=1024))
+    backend = next(iter(state.backends.values()))
+    cc = {"type": "ephemeral"}
+    blocks = {"system": "You are terse. Ünïcode ✓ too.",
+              "first": "Here is a city list: Paris, Lyon, Nice.", "second": " Which is largest?"}
+    body = {"model": DEFAULT_MODEL, "max_tokens": 5, "system": [{"type": "text", "text": blocks["system"], "cache_control": cc}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}, "cache_control": cc}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": blocks["first"], "cache_control": cc},
+                                                      {"type": "text", "text": blocks["second"], "cache_control": cc}]}]}
+    ids, spec = _prompt(parse_messages_request(body, "2023-06-01"), backend, "org", 1)
+    tok = backend.loaded.tokenizer
+    positions = [b.position for b in spec.breakpoints]
+    assert len(positions) == 4 and positions == sorted(positions) and positions[-1] < len(ids)
+    prefixes = [tok.hf.decode(ids[:p], skip_special_tokens=False) for p in positions]
+    assert prefixes[0].endswith('"input_schema": {"type": "object"}}') and blocks["system"] not in prefixes[0]
+    assert prefixes[1].endswith(blocks["system"])
+    assert prefixes[2].endswith(blocks["first"]) and prefixes[3].endswith(blocks["second"])

@@ -27,6 +27,8 @@ class Sample:
     output_tokens: int
     text: str
     background: bool = False
+    cache_read: int = 0  # usage in message_start: prompt tokens read from the prompt cache
+    cache_created: int = 0  # ... and written to it
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default="bench")
     p.add_argument("--out", default="bench-results", help="folder for results.json and the plot")
     p.add_argument("--fast-beta", action="store_true", help="send anthropic-beta: fast-mode-2026-02-01")
+    p.add_argument("--prompt-cache", action="store_true",
+                   help="measure prompt caching instead: TTFT of a long prompt cold, then cached, at each speed")
+    p.add_argument("--rounds", type=int, default=5, help="--prompt-cache: documents to run (one per round)")
+    p.add_argument("--prompt-tokens", type=int, default=2000, help="--prompt-cache: length of each document")
 
 
 def load_workload(path: str, categories: str | None) -> list[dict[str, Any]]:
@@ -76,7 +82,7 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
         headers["anthropic-beta"] = "fast-mode-2026-02-01"
     t0 = time.perf_counter()
     first = None
-    text, served, out_tokens, event = [], "standard", 0, None
+    text, served, out_tokens, event, usage = [], "standard", 0, None, {}
     async with client.stream("POST", "/v1/messages", json=body, headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:300]}")
@@ -86,7 +92,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
             elif line.startswith("data:"):
                 data = json.loads(line[5:])
                 if event == "message_start":
-                    served = data["message"]["usage"].get("speed") or "standard"
+                    usage = data["message"]["usage"]
+                    served = usage.get("speed") or "standard"
                 elif event == "content_block_delta" and data["delta"].get("type") == "text_delta":
                     if first is None:
                         first = time.perf_counter()
@@ -98,7 +105,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model
     end = time.perf_counter()
     first = first or end
     otps = (out_tokens - 1) / (end - first) if out_tokens > 1 and end > first else 0.0
-    return Sample(item["category"], index, speed, served, first - t0, otps, out_tokens, "".join(text), background)
+    return Sample(item["category"], index, speed, served, first - t0, otps, out_tokens, "".join(text), background,
+                  usage.get("cache_read_input_tokens") or 0, usage.get("cache_creation_input_tokens") or 0)
 
 
 def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
@@ -212,14 +220,21 @@ def plot(table: dict[str, dict[str, float]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+async def first_model(client: httpx.AsyncClient, args: argparse.Namespace) -> str:
+    if args.model is not None:
+        return args.model
+    r = await client.get("/v1/models", headers={"x-api-key": args.api_key, "anthropic-version": "2023-06-01"})
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
 async def _main(args: argparse.Namespace) -> int:
+    if args.prompt_cache:
+        from fastmode.bench.prompt_cache import run_prompt_cache
+        return await run_prompt_cache(args)
     items = load_workload(args.workload, args.categories)
     async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(600.0)) as client:
-        model = args.model
-        if model is None:
-            r = await client.get("/v1/models", headers={"x-api-key": args.api_key, "anthropic-version": "2023-06-01"})
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+        model = await first_model(client, args)
         if args.concurrency > 0:
             samples = await run_loaded(client, args, model, items)
         else:

@@ -5,12 +5,14 @@ import logging
 import math
 import queue
 import threading
+import time
 from typing import Callable
 
 import torch
 
 from fastmode.config import EngineConfig
 from fastmode.engine.block_manager import BlockManager
+from fastmode.engine.prefix_cache import CacheSpec, PrefixCache
 from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
 from fastmode.engine.runner import Runner
 from fastmode.engine.sampler import probabilities, verify
@@ -34,7 +36,9 @@ class Engine:
     """One model, one KV cache, two lanes. `add` and `abort` are thread-safe; `step` runs in
     the engine thread (started by `start`) or directly in tests."""
 
-    def __init__(self, model: Llama, config: EngineConfig, eos_ids: list[int]) -> None:
+    def __init__(self, model: Llama, config: EngineConfig, eos_ids: list[int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` times prompt-cache TTLs (tests inject one)."""
         if config.num_threads > 0:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -49,7 +53,8 @@ class Engine:
                        + lane.max_batch * (1 + (config.max_draft if lane.speculate else 0))
                        for lane in (config.fast, config.standard))
         self.runner = Runner(model, self.cache, self.blocks, config.invariant_numerics, max_rows)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.prefix = PrefixCache(self.blocks, config.prefill_chunk, clock)
+        self.scheduler = Scheduler(config, self.blocks, self.prefix)
         self.policy = DraftLengthPolicy(config.max_draft)
         self.lookups: dict[str, PromptLookup] = {}
         self.generators: dict[str, torch.Generator] = {}
@@ -65,8 +70,11 @@ class Engine:
 
     # ---- thread-safe API -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
-            on_delta: Callable[[TokenDelta], None], priority: int = 0) -> None:
-        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, priority=priority)
+            on_delta: Callable[[TokenDelta], None], priority: int = 0, cache: CacheSpec | None = None) -> None:
+        """Queue a request. With `cache`, its admission is reported by a delta carrying a
+        CacheResult before any token; `max_tokens` 0 with breakpoints pre-warms the cache."""
+        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, priority=priority,
+                      cache=cache)
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if req.token_budget > capacity:
             raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
@@ -127,7 +135,11 @@ class Engine:
                 self._finish(req, Status.FINISHED_ABORTED, [])
 
     def _admit_new(self, req: Request) -> None:
-        if len(req.prompt_ids) >= self.max_len or req.params.max_tokens <= 0 or not req.prompt_ids:
+        prewarm = req.params.max_tokens == 0 and req.cache is not None and bool(req.cache.breakpoints)
+        if prewarm:  # compute the prompt up to its last breakpoint, generate nothing
+            assert req.cache is not None
+            del req.prompt_ids[req.cache.breakpoints[-1].position:]
+        if len(req.prompt_ids) >= self.max_len or (req.params.max_tokens <= 0 and not prewarm) or not req.prompt_ids:
             _emit(req, TokenDelta(req.request_id, [], Status.FINISHED_LENGTH))
             return
         self.requests[req.request_id] = req
@@ -163,6 +175,10 @@ class Engine:
 
     def _step_lane(self, lane: Lane) -> bool:
         plan = self.scheduler.schedule(lane)
+        for req in self.scheduler.admitted:  # report what the prompt cache gave and will take
+            if req.cache is not None and req.cache_result is not None:
+                _emit(req, TokenDelta(req.request_id, [], Status.RUNNING, cache=req.cache_result))
+        self.scheduler.admitted.clear()
         if not plan:
             return False
         if self.scheduler.lane_config(lane).speculate:
@@ -192,7 +208,12 @@ class Engine:
         if r.status.finished:
             return
         r.num_computed_tokens += item.num_tokens
+        if r.cache is not None:
+            self.prefix.computed(r)
         if logits.shape[0] == 0:  # a prefill chunk that does not reach the prompt's end
+            return
+        if r.params.max_tokens == 0:  # a pre-warm: its prompt is cached, nothing to generate
+            self._finish(r, Status.FINISHED_LENGTH, [])
             return
         gen = self.generators.get(r.request_id)
         if item.drafts:
@@ -231,6 +252,7 @@ class Engine:
         self.scheduler.finish(r, status)
         self.requests.pop(r.request_id, None)
         self.lookups.pop(r.request_id, None)
+        self.prefix.forget(r.request_id)
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)

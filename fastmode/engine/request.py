@@ -5,6 +5,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
+from fastmode.engine.prefix_cache import CacheResult, CacheSpec
+
 
 GREEDY_BELOW = 1e-3
 
@@ -51,6 +53,7 @@ class TokenDelta:
     request_id: str
     token_ids: list[int]
     status: Status
+    cache: CacheResult | None = None  # set once, on the delta that reports the request's admission
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     priority: int = 0  # within a lane, lower is admitted first (priority tier -1, batches 1)
+    cache: CacheSpec | None = None  # prompt caching instructions (None: nothing read or written)
+    cache_result: CacheResult | None = None  # what admission read and will write, for usage
 
     @property
     def token_ids(self) -> list[int]:

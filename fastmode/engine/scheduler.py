@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fastmode.config import EngineConfig, LaneConfig
 from fastmode.engine.block_manager import BlockManager
+from fastmode.engine.prefix_cache import PrefixCache
 from fastmode.engine.request import Lane, Request, Status
 
 
@@ -21,9 +22,11 @@ class Scheduler:
     running batch. A prefill chunk always ends at a multiple of `prefill_chunk` (or at the
     prompt's end), so a prompt is cut the same way whatever else is running."""
 
-    def __init__(self, config: EngineConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, prefix: PrefixCache | None = None) -> None:
         self.config = config
         self.blocks = blocks
+        self.prefix = prefix
+        self.admitted: list[Request] = []  # admitted since the engine last looked (it reports cache use)
         self.waiting: dict[Lane, deque[Request]] = {Lane.FAST: deque(), Lane.STANDARD: deque()}
         self.running: dict[Lane, list[Request]] = {Lane.FAST: [], Lane.STANDARD: []}
 
@@ -51,12 +54,21 @@ class Scheduler:
             queue, running = self.waiting[lane], self.running[lane]
             while queue and len(running) < self.lane_config(lane).max_batch:
                 req = queue[0]
-                if not self.blocks.can_allocate(req.token_budget):
+                hit = self.prefix.match(req) if req.cache is not None and self.prefix is not None else None
+                shared = hit.blocks if hit is not None else []
+                fresh = self.blocks.blocks_for(req.token_budget) - len(shared)
+                if fresh > self.blocks.num_free:
+                    self.blocks.release(shared)  # cached again; retried next step
                     return  # keep arrival order: nothing behind it jumps ahead
                 queue.popleft()
-                req.block_ids = self.blocks.allocate(req.token_budget)
+                req.block_ids = list(shared) + self.blocks.allocate_blocks(fresh)
+                if hit is not None:
+                    assert self.prefix is not None
+                    req.num_computed_tokens = hit.reused
+                    req.cache_result = self.prefix.admitted(req, hit)
                 req.status = Status.RUNNING
                 running.append(req)
+                self.admitted.append(req)
 
     def schedule(self, lane: Lane) -> list[Scheduled]:
         """Decode rows for every decoding request, then aligned prefill chunks within budget."""

@@ -281,7 +281,7 @@ class BatchRunner:
                                           input_tokens=len(prep.ids), max_tokens=prep.req.max_tokens,
                                           rate_limited=False)
             msg_id = new_id("msg_")
-            if prep.req.max_tokens == 0:
+            if not prep.runs_engine:
                 ticket.finish(prep.ledger_usage(0), "max_tokens")
                 message = message_json(msg_id, prep.entry.id, [], "max_tokens", None, prep.usage(0))
             else:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastmode.engine.engine import Engine
+from fastmode.engine.prefix_cache import CacheResult, CacheSpec
 from fastmode.engine.request import Lane, SamplingParams, Status, TokenDelta
 from fastmode.server.errors import new_id
 from fastmode.server.prompt import TOOL_OPEN
@@ -35,18 +36,21 @@ class Outcome:
     output_tokens: int = 0
     stop_reason: str | None = None
     stop_sequence: str | None = None
+    cache: CacheResult | None = None  # what the prompt cache read and writes, once admitted
 
 
 class Generation:
     """One request's run through the engine, as an async iterator of text deltas."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 lane: Lane, stop_sequences: list[str], hold_tool_calls: bool, priority: int = 0) -> None:
+                 lane: Lane, stop_sequences: list[str], hold_tool_calls: bool, priority: int = 0,
+                 cache: CacheSpec | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt_ids, self.params, self.lane = prompt_ids, params, lane
         self.stops = stop_sequences
         self.hold_tool_calls = hold_tool_calls
         self.priority = priority
+        self.cache = cache
         self.request_id = new_id("gen_")
         self.outcome = Outcome()
         self.failed = False  # the engine failed or dropped it (as opposed to a client leaving)
@@ -66,8 +70,25 @@ class Generation:
         """Queue the request in the engine; raises EngineOverloaded before anything is sent."""
         loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._admitted = asyncio.Event()
+        if self.cache is None:
+            self._admitted.set()  # nothing to report before the first token
         self.engine.add(self.request_id, self.prompt_ids, self.params, self.lane,
-                        lambda d: loop.call_soon_threadsafe(self._inbox.put_nowait, d), self.priority)
+                        lambda d: loop.call_soon_threadsafe(self._deliver, d), self.priority, self.cache)
+
+    def _deliver(self, delta: TokenDelta) -> None:
+        if delta.cache is not None:  # the admission report: no tokens
+            self.outcome.cache = delta.cache
+            self._admitted.set()
+            return
+        if delta.status.finished:
+            self._admitted.set()
+        self._inbox.put_nowait(delta)
+
+    async def admitted(self) -> None:
+        """Wait until the engine has admitted the request (and `outcome.cache` is known) or
+        dropped it."""
+        await self._admitted.wait()
 
     def abort(self) -> None:
         """Stop the request in the engine and free its KV blocks (safe to repeat)."""

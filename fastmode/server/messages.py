@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from fastmode.engine.engine import EngineOverloaded, RequestTooLarge
+from fastmode.engine.prefix_cache import CacheResult, CacheSpec
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.platform.accounts import Organization, Principal
 from fastmode.platform.catalog import ModelEntry
@@ -23,9 +24,10 @@ from fastmode.server.errors import InvalidRequest, new_id
 from fastmode.server.generation import Generation, GenerationAborted
 from fastmode.server.http import ClientGone, betas, json_body, log
 from fastmode.server.policy import check_model_params, effort_instruction, resolve_service_tier, resolve_speed
-from fastmode.server.prompt import parse_output, render_prompt
+from fastmode.server.caching import cache_spec
+from fastmode.server.prompt import breakpoint_ttl, parse_output, render_marked, render_prompt
 from fastmode.server.state import Backend, ServerState
-from fastmode.server.validate import MessagesRequest, parse_messages_request
+from fastmode.server.validate import MessagesRequest, cacheable_blocks, parse_messages_request
 
 DISCONNECT_POLL_S = 0.5
 PRIORITY = {"priority": -1, "standard": 0, "batch": 1}  # engine admission order within a lane
@@ -42,16 +44,26 @@ class Prepared:
     speed: str
     service_tier: str
     inference_geo: str
+    cache: CacheSpec | None = None  # prompt caching breakpoints (None: nothing cached or read)
 
-    def usage(self, output_tokens: int) -> dict[str, Any]:
-        return {"input_tokens": len(self.ids), "output_tokens": output_tokens, "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-                "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+    @property
+    def runs_engine(self) -> bool:
+        """max_tokens 0 runs only to pre-warm the prompt cache."""
+        return self.req.max_tokens > 0 or self.cache is not None
+
+    def usage(self, output_tokens: int, cache: CacheResult | None = None) -> dict[str, Any]:
+        c = cache or CacheResult()
+        return {"input_tokens": len(self.ids) - c.read - c.created, "output_tokens": output_tokens,
+                "cache_creation_input_tokens": c.created, "cache_read_input_tokens": c.read,
+                "cache_creation": {"ephemeral_5m_input_tokens": c.created_5m, "ephemeral_1h_input_tokens": c.created_1h},
                 "service_tier": self.service_tier, "speed": self.speed, "inference_geo": self.inference_geo,
                 "server_tool_use": None}
 
-    def ledger_usage(self, output_tokens: int) -> Usage:
-        return Usage(uncached_input_tokens=len(self.ids), output_tokens=output_tokens)
+    def ledger_usage(self, output_tokens: int, cache: CacheResult | None = None) -> Usage:
+        c = cache or CacheResult()
+        return Usage(uncached_input_tokens=len(self.ids) - c.read - c.created, cache_read_input_tokens=c.read,
+                     cache_creation_5m_input_tokens=c.created_5m, cache_creation_1h_input_tokens=c.created_1h,
+                     output_tokens=output_tokens)
 
 
 def resolve_model(state: ServerState, name: str) -> ModelEntry:
@@ -62,19 +74,28 @@ def resolve_model(state: ServerState, name: str) -> ModelEntry:
     return entry
 
 
-def _prompt_ids(req: MessagesRequest, backend: Backend) -> list[int]:
-    """Render and tokenize (CPU work: callers run it off the event loop)."""
+def _prompt(req: MessagesRequest, backend: Backend, namespace: str,
+            min_cacheable: int) -> tuple[list[int], CacheSpec | None]:
+    """Render and tokenize, and place the cache breakpoints (CPU work: callers run it off the
+    event loop)."""
     tok = backend.loaded.tokenizer
-    text = render_prompt(req, backend.template)
+    wants_cache = req.cache_control is not None or any(breakpoint_ttl(b) for _, b in cacheable_blocks(req))
+    rendered = render_marked(req, backend.template) if wants_cache else None
+    text = rendered.text if rendered is not None else render_prompt(req, backend.template)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise InvalidRequest(f"the request contains text that is not valid Unicode ({e.reason}); "
                              f"send UTF-8 text without lone surrogate escapes") from e
-    ids = tok.encode(text)
-    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
-        ids = [tok.bos_id] + ids
-    return ids
+    ids, ends = tok.encode_with_ends(text)
+    bos = int(tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id))
+    if bos:
+        ids = [tok.bos_id] + ids  # type: ignore[list-item]
+    spec = None
+    if rendered is not None:
+        automatic = (req.cache_control.get("ttl") or "5m") if req.cache_control is not None else None
+        spec = cache_spec(rendered, ends, bos, automatic, namespace, min_cacheable)
+    return ids, spec
 
 
 async def prepare(state: ServerState, body: Any, version: str, beta: set[str], org: Organization, *,
@@ -88,7 +109,8 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     if instruction:
         req.system = [*req.system, {"type": "text", "text": instruction}]
     backend = state.backend(entry)
-    ids = await run_in_threadpool(_prompt_ids, req, backend)
+    # caches are never shared across organizations, nor (the engine adds the lane) across speeds
+    ids, cache = await run_in_threadpool(_prompt, req, backend, org.id, entry.min_cacheable_tokens)
     window = state.context_window(entry)
     if not for_count:
         if len(ids) >= window:
@@ -97,7 +119,8 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
         if req.max_tokens > window:
             raise InvalidRequest(f"max_tokens: {req.max_tokens} > {window}, which is the maximum allowed number "
                                  f"of output tokens for {entry.id}")
-    return Prepared(req, entry, backend, ids, speed, tier, req.inference_geo or "global")
+    return Prepared(req, entry, backend, ids, speed, tier, req.inference_geo or "global",
+                    None if for_count else cache)
 
 
 def sampling(prep: Prepared) -> SamplingParams:
@@ -116,7 +139,7 @@ def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
     lane = Lane.FAST if prep.speed == "fast" else Lane.STANDARD
     gen = Generation(prep.backend.engine, prep.backend.loaded.tokenizer, prep.ids, sampling(prep), lane,
                      prep.req.stop_sequences, hold_tool_calls=bool(prep.req.tools),
-                     priority=PRIORITY[prep.service_tier])
+                     priority=PRIORITY[prep.service_tier], cache=prep.cache)
     try:
         gen.start()
     except EngineOverloaded as e:
@@ -130,7 +153,7 @@ def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
 
 def finish(gen: Generation, ticket: Ticket, prep: Prepared) -> None:
     out = gen.outcome
-    ticket.finish(prep.ledger_usage(out.output_tokens), out.stop_reason or ("error" if gen.failed else "canceled"))
+    ticket.finish(prep.ledger_usage(out.output_tokens, out.cache), out.stop_reason or ("error" if gen.failed else "canceled"))
 
 
 def message_json(msg_id: str, model: str, content: list[dict[str, Any]], stop_reason: str | None,
@@ -144,7 +167,7 @@ def final_message(prep: Prepared, gen: Generation, msg_id: str) -> dict[str, Any
     content = parse_output(out.text + out.tail, prep.req.tools)
     stop = "tool_use" if any(b["type"] == "tool_use" for b in content) else out.stop_reason
     return message_json(msg_id, prep.entry.id, content, stop, out.stop_sequence if stop == "stop_sequence" else None,
-                        prep.usage(out.output_tokens))
+                        prep.usage(out.output_tokens, out.cache))
 
 
 def admit(state: ServerState, principal: Principal, prep: Prepared, request_id: str) -> Ticket:
@@ -172,7 +195,7 @@ async def create_message(request: Request, state: ServerState) -> Response:
     prep = await prepare(state, await json_body(request), request.state.api_version, betas(request), principal.org)
     ticket = admit(state, principal, prep, request.state.request_id)
     msg_id = new_id("msg_")
-    if prep.req.max_tokens == 0:
+    if not prep.runs_engine:
         ticket.finish(prep.ledger_usage(0), "max_tokens")
         if prep.req.stream:
             return StreamingResponse(_empty_stream(msg_id, prep), media_type="text/event-stream",
@@ -180,12 +203,15 @@ async def create_message(request: Request, state: ServerState) -> Response:
         return JSONResponse(message_json(msg_id, prep.entry.id, [], "max_tokens", None, prep.usage(0)),
                             headers=ticket.headers)
     gen = start_generation(prep, ticket)
-    if prep.req.stream:
+    if prep.req.stream and prep.req.max_tokens > 0:
         return GenerationStream(gen, ticket, prep, _stream(gen, msg_id, prep))
     try:
         await _run_to_end(gen, request)
     finally:
         finish(gen, ticket, prep)
+    if prep.req.stream:  # a pre-warm: the cache is written, nothing was generated
+        return StreamingResponse(_empty_stream(msg_id, prep, gen.outcome.cache), media_type="text/event-stream",
+                                 headers=ticket.headers)
     return JSONResponse(final_message(prep, gen, msg_id), headers=ticket.headers)
 
 
@@ -233,17 +259,19 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-async def _empty_stream(msg_id: str, prep: Prepared) -> AsyncIterator[bytes]:
+async def _empty_stream(msg_id: str, prep: Prepared, cache: CacheResult | None = None) -> AsyncIterator[bytes]:
     yield _sse("message_start", {"type": "message_start",
-                                 "message": message_json(msg_id, prep.entry.id, [], None, None, prep.usage(0))})
+                                 "message": message_json(msg_id, prep.entry.id, [], None, None, prep.usage(0, cache))})
     yield _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens", "stop_sequence": None,
                                                                      "stop_details": None}, "usage": {"output_tokens": 0}})
     yield _sse("message_stop", {"type": "message_stop"})
 
 
 async def _stream(gen: Generation, msg_id: str, prep: Prepared) -> AsyncIterator[bytes]:
+    await gen.admitted()  # message_start reports what the prompt cache read and writes
     yield _sse("message_start", {"type": "message_start",
-                                 "message": message_json(msg_id, prep.entry.id, [], None, None, prep.usage(0))})
+                                 "message": message_json(msg_id, prep.entry.id, [], None, None,
+                                                         prep.usage(0, gen.outcome.cache))})
     yield _sse("ping", {"type": "ping"})
     index, text_open = 0, False
     try:

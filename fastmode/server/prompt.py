@@ -3,19 +3,22 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from fastmode.server.errors import InvalidRequest, new_id
-from fastmode.server.validate import MessagesRequest
+from fastmode.server.validate import MessagesRequest, cacheable_blocks
 from fastmode.tokenizer.chat_template import ChatTemplate, ChatTemplateError
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+MARK = "\ufdd0"  # a Unicode noncharacter: marks where a block ends while rendering (see render_marked)
 _TOOL_CALL = re.compile(re.escape(TOOL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(TOOL_CLOSE) + r"|$)", re.S)
 
 
-def _tool_prompt(tools: list[dict[str, Any]], choice: dict[str, Any] | None) -> str:
+def _tool_prompt(tools: list[dict[str, Any]], choice: dict[str, Any] | None, mark: str) -> str:
     specs = "\n".join(json.dumps({"name": t["name"], "description": t.get("description", ""),
-                                  "input_schema": t.get("input_schema", {})}, ensure_ascii=False) for t in tools)
+                                  "input_schema": t.get("input_schema", {})}, ensure_ascii=False) + mark
+                      for t in tools)
     text = ("You can call these tools. To call one, reply with "
             f'{TOOL_OPEN}{{"name": "<tool name>", "arguments": {{...}}}}{TOOL_CLOSE}\n<tools>\n{specs}\n</tools>')
     if choice and choice.get("type") == "any":
@@ -57,24 +60,82 @@ def _block_text(block: dict[str, Any], where: str, model: str) -> str:
 
 
 def render_prompt(req: MessagesRequest, template: ChatTemplate) -> str:
-    """The full prompt text; a final assistant message is a prefill the model continues."""
-    system = "\n\n".join(b["text"] for b in req.system)
+    """The full prompt text; a final assistant message is a prefill the model continues.
+
+    Content comes in the API's prefix order: tool definitions, then system text, then the
+    messages, so a cached prefix ending at a tool or system block holds only what precedes it."""
+    return _render(req, template, "")
+
+
+@dataclass
+class Rendered:
+    """The prompt text, and per cacheable block (tools, system blocks, message blocks, in
+    order) the offset in `text` where the block ends and its breakpoint TTL, if it has one."""
+
+    text: str
+    ends: list[int]
+    ttls: list[str | None]
+
+
+def render_marked(req: MessagesRequest, template: ChatTemplate) -> Rendered | None:
+    """Render once with a mark after every block to learn where each block ends; None when that
+    cannot be told (the text holds the mark character itself, or the template drops content)."""
+    blocks = cacheable_blocks(req)
+    marked = _render(req, template, MARK)
+    if marked.count(MARK) != len(blocks):
+        return None
+    ends, text = [], []
+    at = 0
+    for part in marked.split(MARK)[:-1]:
+        at += len(part)
+        ends.append(at)
+    text = marked.replace(MARK, "")
+    if text != _render(req, template, ""):
+        return None
+    return Rendered(text, ends, [breakpoint_ttl(b) for _, b in blocks])
+
+
+def breakpoint_ttl(block: dict[str, Any]) -> str | None:
+    """The TTL of a block's breakpoint (its own, or one on a block inside a tool result: the
+    longer wins), or None."""
+    ccs = [block.get("cache_control")]
+    if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+        ccs += [c.get("cache_control") for c in block["content"] if isinstance(c, dict)]
+    ttls = [cc.get("ttl") or "5m" for cc in ccs if isinstance(cc, dict)]
+    return ("1h" if "1h" in ttls else "5m") if ttls else None
+
+
+def _render(req: MessagesRequest, template: ChatTemplate, mark: str) -> str:
+    system = "\n\n".join(b["text"] + mark for b in req.system)
     if req.tools and (req.tool_choice or {}).get("type") != "none":
-        system = (system + "\n\n" if system else "") + _tool_prompt(req.tools, req.tool_choice)
+        tools = _tool_prompt(req.tools, req.tool_choice, mark)
+        system = tools + "\n\n" + system if req.system else tools
+    elif req.tools:
+        system = mark * len(req.tools) + system  # not shown to the model, still blocks of the prefix
     turns: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for i, m in enumerate(req.messages):
-        text = "".join(_block_text(b, f"messages.{i}.content.{j}", req.model) for j, b in enumerate(m.blocks))
+        text = "".join(_block_text(b, f"messages.{i}.content.{j}", req.model) + mark for j, b in enumerate(m.blocks))
         if turns and turns[-1]["role"] == m.role and m.role != "system":
             turns[-1]["content"] += "\n\n" + text  # consecutive same-role turns are merged
         else:
             turns.append({"role": m.role, "content": text})
     prefill = ""
     if turns[-1]["role"] == "assistant":
-        prefill = turns.pop()["content"].rstrip()
+        prefill = _rstrip_keeping(turns.pop()["content"], mark)
     try:
         return template.render(turns, add_generation_prompt=True) + prefill
     except ChatTemplateError as e:
         raise InvalidRequest(f"messages: {e}") from e
+
+
+def _rstrip_keeping(text: str, mark: str) -> str:
+    """`text.rstrip()`, keeping the marks that stood in the stripped whitespace."""
+    if not mark:
+        return text.rstrip()
+    i = len(text)
+    while i and (text[i - 1].isspace() or text[i - 1] == mark):
+        i -= 1
+    return text[:i] + mark * text[i:].count(mark)
 
 
 def parse_output(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,6 +15,8 @@ INPUT_BLOCKS = {"text", "image", "document", "search_result", "thinking", "redac
                 "text_editor_code_execution_tool_result", "tool_search_tool_result", "container_upload"}
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 SERVICE_TIERS = ("auto", "standard_only", "priority")  # priority: our explicit ask for the Priority Tier
+MAX_CACHE_BREAKPOINTS = 4
+CACHE_TTLS = ("5m", "1h")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class MessagesRequest:
     inference_geo: str | None = None
     thinking: dict[str, Any] | None = None
     effort: str | None = None  # output_config.effort
+    cache_control: dict[str, Any] | None = None  # top level: automatic caching at the last block
 
 
 def _is_int(v: Any) -> bool:
@@ -206,7 +209,71 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         if effort is not None and effort not in EFFORT_LEVELS:
             raise InvalidRequest(f"output_config.effort: Input should be one of {', '.join(EFFORT_LEVELS)}")
         req.effort = effort
+    cc = body.get("cache_control")
+    if cc is not None:
+        req.cache_control = _cache_control(cc, "cache_control")
+    _check_breakpoints(req)
     return req
+
+
+def _cache_control(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or value.get("type") != "ephemeral":
+        raise InvalidRequest(f"{where}: Input should be an object with type 'ephemeral'")
+    ttl = value.get("ttl")
+    if ttl is not None and ttl not in CACHE_TTLS:
+        raise InvalidRequest(f"{where}.ttl: Input should be '5m' or '1h'")
+    unknown = sorted(set(value) - {"type", "ttl"})
+    if unknown:
+        raise InvalidRequest(f"{where}.{unknown[0]}: Extra inputs are not permitted")
+    return value
+
+
+def cacheable_blocks(req: MessagesRequest) -> list[tuple[str, dict[str, Any]]]:
+    """Every block that may carry cache_control, in prefix order (tools, system, messages),
+    with its location for error messages."""
+    out = [(f"tools.{i}", t) for i, t in enumerate(req.tools)]
+    out += [(f"system.{i}", b) for i, b in enumerate(req.system)]
+    for i, m in enumerate(req.messages):
+        out += [(f"messages.{i}.content.{j}", b) for j, b in enumerate(m.blocks)]
+    return out
+
+
+def _check_breakpoints(req: MessagesRequest) -> None:
+    """At most 4 breakpoints (automatic caching takes one unless the last block has its own);
+    1h breakpoints before 5m ones; no breakpoint on an empty text block."""
+    ttls: list[tuple[str, str]] = []
+    blocks = cacheable_blocks(req)
+    for where, block in blocks:
+        nested = block.get("content") if block.get("type") == "tool_result" else None
+        for k, inner in enumerate(nested if isinstance(nested, list) else []):
+            if isinstance(inner, dict) and inner.get("cache_control") is not None:
+                ttls.append((f"{where}.content.{k}", _ttl(inner, f"{where}.content.{k}")))
+        if block.get("cache_control") is None:
+            continue
+        if block.get("type") == "text" and not block.get("text"):
+            raise InvalidRequest(f"{where}.cache_control: cache_control cannot be set for empty text blocks")
+        if block.get("type") in ("thinking", "redacted_thinking"):
+            raise InvalidRequest(f"{where}.cache_control: cache_control cannot be set on thinking blocks; "
+                                 f"set it on a later block")
+        ttls.append((where, _ttl(block, where)))
+    last = blocks[-1][1] if blocks else None
+    if req.cache_control is not None and last is not None and last.get("cache_control") is None:
+        ttls.append(("cache_control", req.cache_control.get("ttl") or "5m"))
+    if len(ttls) > MAX_CACHE_BREAKPOINTS:
+        raise InvalidRequest(f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
+                             f"Found {len(ttls)}.")
+    seen_5m = None
+    for where, ttl in ttls:
+        if ttl == "5m":
+            seen_5m = seen_5m or where
+        elif seen_5m is not None:
+            raise InvalidRequest(f"{where}.cache_control.ttl: a ttl='1h' cache_control breakpoint must not come "
+                                 f"after a ttl='5m' one ({seen_5m}); put 1h breakpoints first (order: tools, "
+                                 f"system, messages)")
+
+
+def _ttl(block: dict[str, Any], where: str) -> str:
+    return _cache_control(block["cache_control"], f"{where}.cache_control").get("ttl") or "5m"
 
 
 def _check_2026_rules(role: str, blocks: list[dict[str, Any]], i: int) -> None:

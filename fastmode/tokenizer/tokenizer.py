@@ -38,6 +38,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids and, per token, the offset in `text` (in characters) where it ends."""
+        enc = self.hf.encode(text, add_special_tokens=False)
+        return enc.ids, [end for _, end in enc.offsets]
+
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
