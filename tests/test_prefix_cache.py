@@ -36,16 +36,16 @@ class Run:
     prompt tokens it started with already computed."""
 
     def __init__(self, engine, ids, lane=Lane.STANDARD, cache=None, max_tokens=12, rid=None):
-        self.tokens, self.status, self.cache, self.deltas = [], None, None, 0
+        self.tokens, self.status, self.cache, self.deltas, self.cache_order = [], None, None, 0, None
         self.engine = engine
         self.rid = rid or f"r{random.random()}"
         engine.add(self.rid, ids, SamplingParams(max_tokens=max_tokens), lane, self.on, cache=cache)
         self.started_at = None
 
-    def on(self, d):
+    def on(self, d):  # the engine swallows callback errors: record here, check in finish()
         self.deltas += 1
         if d.cache is not None:
-            assert self.deltas == 1 and not d.token_ids, "the cache report comes first, alone"
+            self.cache_order = (self.deltas, len(d.token_ids))
             self.cache = d.cache
             self.started_at = self.engine.requests[self.rid].num_computed_tokens
         self.tokens += d.token_ids
@@ -55,6 +55,8 @@ class Run:
     def finish(self):
         for _ in range(5000):
             if self.status is not None:
+                if self.cache is not None:
+                    assert self.cache_order == (1, 0), "the cache report comes first, alone"
                 return self
             self.engine.step()
         raise AssertionError("request did not finish")
@@ -175,6 +177,40 @@ def test_cached_blocks_yield_to_new_requests_and_the_lost_entry_misses(tiny):
     assert engine.blocks.num_cached > 0
     assert Run(engine, prompts[-1], cache=spec(144)).finish().cache.read == 144  # the newest survived
     assert Run(engine, prompts[0], cache=spec(144)).finish().cache.read == 0  # the oldest was evicted
+
+
+def test_an_entry_whose_blocks_were_evicted_is_not_read_even_below_one_chunk(tiny):
+    # prefill_chunk 128: a 100-token entry reuses no KV (below one chunk), yet it is only
+    # billed as read while all of its blocks are still cached
+    engine = make(tiny, kv_cache_tokens=512, prefill_chunk=128)
+    ids = prompt(110)
+    Run(engine, ids, cache=spec(100)).finish()
+    assert Run(engine, ids, cache=spec(100)).finish().cache.read == 100
+    Run(engine, prompt(100, 9), max_tokens=engine.blocks.num_free * 16 - 100).finish()  # evicts every block
+    assert engine.blocks.num_cached == 0
+    again = Run(engine, ids, cache=spec(100)).finish()
+    assert again.cache == CacheResult(read=0, created_5m=100)
+
+
+def test_a_read_keeps_the_entrys_ttl_a_longer_one_is_not_free(tiny):
+    clock = Clock()
+    engine = make(tiny, clock)
+    ids = prompt(80)
+    Run(engine, ids, cache=spec(70)).finish()  # a 5-minute entry
+    assert Run(engine, ids, cache=spec(70, ttl=TTL_1H)).finish().cache == CacheResult(read=70)
+    clock.now += TTL_5M + 1
+    assert Run(engine, ids, cache=spec(70, ttl=TTL_1H)).finish().cache == CacheResult(created_1h=70)
+    clock.now += 30 * 60
+    assert Run(engine, ids, cache=spec(70)).finish().cache.read == 70
+
+
+def test_entries_stay_bounded_by_the_pool(tiny):
+    engine = make(tiny, kv_cache_tokens=512)  # 32 blocks: at most 128 entries
+    for s in range(60):  # 180 entries written, over blocks that are evicted again and again
+        Run(engine, prompt(48, 100 + s), cache=spec(16, 32, 48), max_tokens=1).finish()
+        assert len(engine.prefix.entries) <= engine.prefix.max_entries
+    engine.prefix._sweep(engine.prefix.clock())  # what is left refers to blocks still cached
+    assert 0 < len(engine.prefix.entries) <= 3 * engine.blocks.num_cached
 
 
 def test_blocks_held_by_a_running_request_are_not_evicted(tiny):

@@ -201,6 +201,34 @@ def test_four_breakpoints_and_the_automatic_one_on_an_already_marked_block_are_f
     assert ok.parse().usage.cache_creation.ephemeral_1h_input_tokens > 0
 
 
+def test_a_nested_tool_result_breakpoint_counts_once_with_the_automatic_form(client):
+    system = [cached(words(30, 90 + i)) for i in range(3)]
+    msgs = [{"role": "user", "content": "Look it up."},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "lookup", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "text", "text": words(20, 94), "cache_control": {"type": "ephemeral"}}]}]}]
+    tools = [{"name": "lookup", "description": "Look up.", "input_schema": {"type": "object"}}]
+    # 3 system + 1 nested = 4: the automatic breakpoint lands on the already marked block
+    u = ask(client, system, messages=msgs, tools=tools, cache_control={"type": "ephemeral", "ttl": "1h"}).parse().usage
+    assert u.cache_creation_input_tokens > 256
+
+
+def test_model_ids_sharing_weights_never_share_a_cache(client):
+    system = [cached(words(200, 95))]
+    assert ask(client, system).parse().usage.cache_creation_input_tokens > 1024
+    other = ask(client, system, model=PREVIEW).parse().usage  # same weights, another model id
+    assert other.cache_read_input_tokens == 0 and other.cache_creation_input_tokens > 1024
+
+
+def test_hidden_tools_still_cache_the_messages(client):
+    tools = [{"name": "lookup", "description": "Look up.", "input_schema": {"type": "object"}}]
+    msgs = [{"role": "user", "content": [cached(words(90, 96))]}]
+    kw = dict(messages=msgs, tools=tools, tool_choice={"type": "none"})
+    first = ask(client, **kw).parse().usage
+    assert first.cache_creation_input_tokens > 256
+    assert ask(client, **kw).parse().usage.cache_read_input_tokens == first.cache_creation_input_tokens
+
+
 def test_text_holding_the_render_mark_still_answers_uncached(client):
     system = [cached(words(100, 70) + "\ufdd0")]
     u = ask(client, system).parse().usage

@@ -62,6 +62,7 @@ class CacheResult:
 class Entry:
     ttl: float
     expires_at: float
+    last_block: bytes  # hash of its last full block: once that is evicted the entry is gone
 
 
 @dataclass
@@ -99,7 +100,10 @@ class PrefixCache:
         if align % blocks.block_size:
             raise ValueError(f"prefill_chunk ({align}) must be a multiple of block_size ({blocks.block_size})")
         self.blocks, self.align, self.clock = blocks, align, clock
-        self.entries: dict[bytes, Entry] = {}
+        self.entries: dict[bytes, Entry] = {}  # in write order
+        # every live entry holds at least one block of its own or shares a prefix: bound them by
+        # the pool's size (times the 4 breakpoints a request may have)
+        self.max_entries = 4 * blocks.num_blocks
         self._tracked: dict[str, _Tracked] = {}
         self._next_sweep = clock() + SWEEP_EVERY_S
         self.stats = {"hits": 0, "misses": 0, "tokens_reused": 0}
@@ -145,12 +149,13 @@ class PrefixCache:
             if entry.expires_at <= now:
                 del self.entries[key]
                 continue
-            reused = min(p, len(req.prompt_ids) - 1) // self.align * self.align
-            n = reused // self.blocks.block_size
-            found = self.blocks.lookup(t.chain[:n])
-            if len(found) < n:  # its KV was evicted: the entry is gone
+            full = p // self.blocks.block_size
+            found = self.blocks.lookup(t.chain[:full])
+            if full == 0 or len(found) < full:  # some of its KV was evicted: the entry is gone
                 del self.entries[key]
                 continue
+            reused = min(p, len(req.prompt_ids) - 1) // self.align * self.align
+            found = found[:reused // self.blocks.block_size]
             self.blocks.acquire(found)
             return Hit(found, reused, p, key)
         return Hit([], 0, 0, None)
@@ -164,14 +169,14 @@ class PrefixCache:
         now = self.clock()
         if hit.key is not None:
             entry = self.entries[hit.key]
-            entry.ttl = max([entry.ttl] + [b.ttl for b in spec.breakpoints if b.position == hit.read])
-            entry.expires_at = now + entry.ttl  # a hit refreshes the TTL at no cost
+            entry.expires_at = now + entry.ttl  # a hit refreshes the entry's own TTL at no cost
             self.stats["hits"] += 1
             self.stats["tokens_reused"] += hit.reused
         else:
             self.stats["misses"] += 1
         t.registered = len(hit.blocks)
-        t.pending = [b for b in spec.breakpoints if b.position <= len(req.prompt_ids)]
+        # entries to write: past the one read (which keeps its TTL: a longer one is not free)
+        t.pending = [b for b in spec.breakpoints if hit.read < b.position <= len(req.prompt_ids)]
         last_1h = max((b.position for b in spec.breakpoints if b.ttl >= TTL_1H), default=0)
         last_5m = max((b.position for b in spec.breakpoints if b.ttl < TTL_1H), default=0)
         created_1h = max(0, last_1h - hit.read)
@@ -192,15 +197,24 @@ class PrefixCache:
         now = self.clock()
         while t.pending and t.pending[0].position <= req.num_computed_tokens:
             b = t.pending.pop(0)
+            if b.position < self.blocks.block_size:  # no full block to keep: nothing to cache
+                continue
             key = self._key(t, req.prompt_ids, b.position)
-            old = self.entries.get(key)
+            old = self.entries.pop(key, None)  # re-inserted last: the dict stays in write order
             ttl = max(b.ttl, old.ttl) if old is not None and old.expires_at > now else b.ttl
-            self.entries[key] = Entry(ttl, now + ttl)
+            self.entries[key] = Entry(ttl, now + ttl, t.chain[b.position // self.blocks.block_size - 1])
+        if len(self.entries) > self.max_entries:
+            self._sweep(now)
 
     def forget(self, request_id: str) -> None:
         self._tracked.pop(request_id, None)
 
     def _sweep(self, now: float) -> None:
-        for key in [k for k, e in self.entries.items() if e.expires_at <= now]:
+        """Drop expired entries and those whose last block was evicted; past `max_entries`,
+        the oldest written go too. O(entries), and entries are at most `max_entries`."""
+        for key in [k for k, e in self.entries.items()
+                    if e.expires_at <= now or e.last_block not in self.blocks.by_hash]:
+            del self.entries[key]
+        for key in list(self.entries)[:max(0, len(self.entries) - self.max_entries)]:
             del self.entries[key]
         self._next_sweep = now + SWEEP_EVERY_S

@@ -32,4 +32,4 @@ def cache_spec(rendered: Rendered, token_ends: list[int], offset: int, automatic
         return None
     lookups = {positions[j] for i in marked for j in range(max(0, i - LOOKBACK_BLOCKS + 1), i + 1)}
     return CacheSpec(namespace, tuple(Breakpoint(p, ttl) for p, ttl in sorted(by_position.items())),
-                     tuple(sorted(p for p in lookups if p > 0)))
+                     tuple(sorted(p for p in lookups if p >= min_tokens and p > 0)))

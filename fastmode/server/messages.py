@@ -109,8 +109,10 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     if instruction:
         req.system = [*req.system, {"type": "text", "text": instruction}]
     backend = state.backend(entry)
-    # caches are never shared across organizations, nor (the engine adds the lane) across speeds
-    ids, cache = await run_in_threadpool(_prompt, req, backend, org.id, entry.min_cacheable_tokens)
+    # caches are never shared across organizations or model ids (several ids may share one
+    # set of weights), nor (the engine adds the lane) across speeds
+    namespace = f"{org.id}\0{entry.id}"
+    ids, cache = await run_in_threadpool(_prompt, req, backend, namespace, entry.min_cacheable_tokens)
     window = state.context_window(entry)
     if not for_count:
         if len(ids) >= window:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastmode.server.errors import InvalidRequest, new_id
-from fastmode.server.validate import MessagesRequest, cacheable_blocks
+from fastmode.server.validate import MessagesRequest, breakpoint_ttl, cacheable_blocks
 from fastmode.tokenizer.chat_template import ChatTemplate, ChatTemplateError
 
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -95,23 +95,11 @@ def render_marked(req: MessagesRequest, template: ChatTemplate) -> Rendered | No
     return Rendered(text, ends, [breakpoint_ttl(b) for _, b in blocks])
 
 
-def breakpoint_ttl(block: dict[str, Any]) -> str | None:
-    """The TTL of a block's breakpoint (its own, or one on a block inside a tool result: the
-    longer wins), or None."""
-    ccs = [block.get("cache_control")]
-    if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
-        ccs += [c.get("cache_control") for c in block["content"] if isinstance(c, dict)]
-    ttls = [cc.get("ttl") or "5m" for cc in ccs if isinstance(cc, dict)]
-    return ("1h" if "1h" in ttls else "5m") if ttls else None
-
-
 def _render(req: MessagesRequest, template: ChatTemplate, mark: str) -> str:
     system = "\n\n".join(b["text"] + mark for b in req.system)
     if req.tools and (req.tool_choice or {}).get("type") != "none":
         tools = _tool_prompt(req.tools, req.tool_choice, mark)
         system = tools + "\n\n" + system if req.system else tools
-    elif req.tools:
-        system = mark * len(req.tools) + system  # not shown to the model, still blocks of the prefix
     turns: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for i, m in enumerate(req.messages):
         text = "".join(_block_text(b, f"messages.{i}.content.{j}", req.model) + mark for j, b in enumerate(m.blocks))
@@ -119,6 +107,10 @@ def _render(req: MessagesRequest, template: ChatTemplate, mark: str) -> str:
             turns[-1]["content"] += "\n\n" + text  # consecutive same-role turns are merged
         else:
             turns.append({"role": m.role, "content": text})
+    if req.tools and (req.tool_choice or {}).get("type") == "none":
+        # tools not shown to the model are still blocks of the prefix: mark them at the start
+        # of the first turn (a turn of marks alone would change the rendered text)
+        turns[0]["content"] = mark * len(req.tools) + turns[0]["content"]
     prefill = ""
     if turns[-1]["role"] == "assistant":
         prefill = _rstrip_keeping(turns.pop()["content"], mark)

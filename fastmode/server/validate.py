@@ -257,7 +257,7 @@ def _check_breakpoints(req: MessagesRequest) -> None:
                                  f"set it on a later block")
         ttls.append((where, _ttl(block, where)))
     last = blocks[-1][1] if blocks else None
-    if req.cache_control is not None and last is not None and last.get("cache_control") is None:
+    if req.cache_control is not None and last is not None and breakpoint_ttl(last) is None:
         ttls.append(("cache_control", req.cache_control.get("ttl") or "5m"))
     if len(ttls) > MAX_CACHE_BREAKPOINTS:
         raise InvalidRequest(f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
@@ -270,6 +270,16 @@ def _check_breakpoints(req: MessagesRequest) -> None:
             raise InvalidRequest(f"{where}.cache_control.ttl: a ttl='1h' cache_control breakpoint must not come "
                                  f"after a ttl='5m' one ({seen_5m}); put 1h breakpoints first (order: tools, "
                                  f"system, messages)")
+
+
+def breakpoint_ttl(block: dict[str, Any]) -> str | None:
+    """The TTL of a block's breakpoint (its own, or one on a block inside a tool result: the
+    longer wins), or None."""
+    ccs = [block.get("cache_control")]
+    if block.get("type") == "tool_result" and isinstance(block.get("content"), list):
+        ccs += [c.get("cache_control") for c in block["content"] if isinstance(c, dict)]
+    ttls = [cc.get("ttl") or "5m" for cc in ccs if isinstance(cc, dict)]
+    return ("1h" if "1h" in ttls else "5m") if ttls else None
 
 
 def _ttl(block: dict[str, Any], where: str) -> str:
