@@ -51,9 +51,14 @@ def _serve(args: argparse.Namespace) -> int:
     weights = ([e.weights for e in settings.models] if settings.models
                else [args.model or server.get("model", DEFAULT_MODEL)])
     loaded = {}
+    native = bool(server.get("native_kernels", True))
     for w in dict.fromkeys(weights):
         print(f"fastmode: loading {w} ...", file=sys.stderr, flush=True)
-        loaded[w] = load_model(w)
+        loaded[w] = load_model(w, native_kernels=native)
+        how = ("quantized weights on the native kernels" if loaded[w].model.native
+               else "float32 weights in torch")
+        print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step",
+              file=sys.stderr, flush=True)
     db_path = _database(args, server)
     platform = Platform(Database(db_path), open_mode=bool(server.get("open_mode", True)), limits=settings.limits)
     state = build_state(loaded, cfg, catalog=Catalog(settings.models) if settings.models else None, platform=platform)
@@ -172,9 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     pl.set_defaults(func=_pull)
     b = sub.add_parser("bench", help="measure TTFT and OTPS of any Anthropic-compatible endpoint")
+    from fastmode.bench.compare import add_arguments as add_compare_arguments
     from fastmode.bench.runner import add_arguments
 
     add_arguments(b)
+    add_compare_arguments(b)
     b.set_defaults(func=_bench)
     return p
 

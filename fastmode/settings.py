@@ -11,7 +11,7 @@ from fastmode.config import EngineConfig, LaneConfig
 from fastmode.platform.accounts import AccountError, check_limits
 from fastmode.platform.catalog import CatalogError, ModelEntry, entry_from_table
 
-SERVER_KEYS = {"host", "port", "model", "database", "open_mode"}
+SERVER_KEYS = {"host", "port", "model", "database", "open_mode", "native_kernels"}
 
 
 class SettingsError(ValueError):

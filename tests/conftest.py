@@ -1,6 +1,7 @@
 """Shared fixtures: the tiny random model, engines over it, and real servers on loopback."""
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -69,3 +70,30 @@ def tiny_server(tiny: LoadedModel) -> Iterator[tuple[str, ServerState]]:
     state = build_state(tiny, small_engine_config())
     with running_server(state) as url:
         yield url, state
+
+
+@pytest.fixture(scope="session")
+def tiny_q4(tmp_path_factory) -> LoadedModel:
+    """tiny-random's weights written as a llama.cpp GGUF in Q4_1 (embedding table Q8_0) and
+    loaded quantized: it runs on the native kernels. Skipped where they cannot be built."""
+    from fastmode import kernels
+    from fastmode.weights.tiny import tiny_arch, tiny_state_dict, tiny_tokenizer
+    from gguf_writer import hf_names, write_tiny_gguf
+
+    if kernels.load() is None:
+        pytest.skip("the native kernels cannot be built here (no C compiler)")
+    tok = tiny_tokenizer()
+    # rows of 9 and 10 blocks: the kernels' groups of 8 blocks and the blocks after them
+    arch = dataclasses.replace(tiny_arch(tok.vocab_size), hidden_size=288, intermediate_size=320)
+    path = tmp_path_factory.mktemp("q4") / "tiny-q4.gguf"
+    write_tiny_gguf(path, tok, arch, hf_names(arch, tiny_state_dict(arch)), "Q4_1", embed_kind="Q8_0")
+    loaded = load_model(str(path))
+    assert loaded.model.native, "a Q4_1 model must run on the native kernels"
+    return loaded
+
+
+@pytest.fixture
+def make_q4_engine(tiny_q4: LoadedModel):
+    def make(**overrides) -> Engine:
+        return Engine(tiny_q4.model, small_engine_config(**overrides), tiny_q4.tokenizer.eos_ids)
+    return make

@@ -72,3 +72,52 @@ def write_gguf(path, metadata: dict, tensors: dict[str, tuple[np.ndarray, str]],
     blob += b"\0" * ((-len(blob)) % align)
     with open(path, "wb") as f:
         f.write(blob + b"".join(datas))
+
+
+def permute_rows(w, heads: int):
+    """What llama.cpp's converter does to q/k rows (interleaved rope layout)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_names(arch, sd):
+    """Our state dict in Hugging Face Llama names."""
+    h, kv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    for i in range(arch.num_layers):
+        o, p = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = sd[o + "attn.qkv.weight"].split([h * d, kv * d, kv * d])
+        gate, up = sd[o + "mlp.gate_up.weight"].split(arch.intermediate_size)
+        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": sd[o + "attn.o.weight"],
+                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                    p + "mlp.down_proj.weight": sd[o + "mlp.down.weight"],
+                    p + "input_layernorm.weight": sd[o + "attn_norm.weight"],
+                    p + "post_attention_layernorm.weight": sd[o + "mlp_norm.weight"]})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_tiny_gguf(path, tok, arch, hf: dict, kind: str, embed_kind: str | None = None) -> None:
+    """A Llama GGUF as llama.cpp writes it (names, q/k permutation, tokenizer metadata) from
+    Hugging Face-named weights; matrices in `kind`, the embedding table in `embed_kind`."""
+    vocab = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
+    from fastmode.weights.tiny import CHATML_TEMPLATE
+    meta = {"general.architecture": "llama", "llama.block_count": arch.num_layers,
+            "llama.context_length": arch.max_position, "llama.embedding_length": arch.hidden_size,
+            "llama.feed_forward_length": arch.intermediate_size, "llama.attention.head_count": arch.num_heads,
+            "llama.attention.head_count_kv": arch.num_kv_heads, "llama.rope.freq_base": arch.rope_theta,
+            "llama.attention.layer_norm_rms_epsilon": arch.rms_norm_eps, "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.tokens": vocab, "tokenizer.ggml.token_type": [3 if v.startswith("<|") else 1 for v in vocab],
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": tok.hf.token_to_id("<|im_end|>"),
+            "tokenizer.chat_template": CHATML_TEMPLATE}
+    t = {"token_embd.weight": (hf["model.embed_tokens.weight"], embed_kind or kind),
+         "output_norm.weight": (hf["model.norm.weight"], "F32")}
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        t[f"blk.{i}.attn_q.weight"] = (permute_rows(hf[p + "self_attn.q_proj.weight"], arch.num_heads), kind)
+        t[f"blk.{i}.attn_k.weight"] = (permute_rows(hf[p + "self_attn.k_proj.weight"], arch.num_kv_heads), kind)
+        for ours, theirs in [("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                             ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")]:
+            t[f"blk.{i}.{ours}.weight"] = (hf[p + theirs + ".weight"], kind)
+        for ours, theirs in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]:
+            t[f"blk.{i}.{ours}.weight"] = (hf[p + theirs + ".weight"], "F32")
+    write_gguf(path, meta, {k: (v.numpy(), ty) for k, (v, ty) in t.items()})

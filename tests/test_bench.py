@@ -1,6 +1,8 @@
 """`fastmode bench` end to end against the tiny model's server."""
 import json
 
+import torch
+
 from fastmode.bench.runner import identical_outputs, load_workload, summarize, Sample
 from fastmode.cli import main
 
@@ -65,3 +67,26 @@ def test_bench_prompt_cache_measures_cold_and_cached_at_both_speeds(tiny_server,
         assert row["prompt_tokens"] >= 1024 and row["warm_read"] == row["prompt_tokens"]
     assert res["identical_outputs"] == [2, 2]
     assert {(s["speed"], s["served"]) for s in res["samples"]} == {("standard", "standard"), ("fast", "fast")}
+
+
+def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_path):
+    wl = tmp_path / "w.jsonl"
+    wl.write_text("\n".join(json.dumps({"category": c, "max_tokens": 12, "messages": [
+        {"role": "user", "content": f"Repeat: {c} {c} {c} {c}"}]}) for c in ("copy", "chat")))
+    page = tmp_path / "docs" / "benchmarks.md"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--compare", "--model", "tiny-random", "--workload", str(wl), "--repeats", "2",
+                     "--threads", "1", "--out", str(tmp_path / "out"), "--page", str(page)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process's torch threads
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert set(report["table"]) == {"copy", "chat"}
+    runs = report["runs"]
+    assert {r["contender"] for r in runs} >= {"fastmode standard", "fastmode fast"}
+    assert len([r for r in runs if r["contender"] == "fastmode fast"]) == 4  # 2 prompts x 2 repeats
+    assert all(len(r["tokens"]) > 0 and r["otps"] > 0 for r in runs)
+    assert report["identical_fast_standard"] == [4, 4]
+    assert report["read_bandwidth_gbs"] > 0 and report["decode_bandwidth_gbs"] > 0
+    text = page.read_text()
+    assert "| copy |" in text and "fastmode fast" in text and (page.parent / "compare.png").exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from gguf_writer import write_gguf
+from gguf_writer import hf_names, write_gguf, write_tiny_gguf
 from fastmode.weights.gguf import GGUFFile
 from fastmode.weights.loader import WeightsError
 from fastmode.weights.registry import ModelNotFound, load_model
@@ -25,32 +25,11 @@ def test_dequantize_round_trip(tmp_path, kind, tol):
     assert err <= tol, err
 
 
-def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """What llama.cpp's converter does to q/k rows (interleaved rope layout)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _hf_names(arch, sd):
-    h, kv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    for i in range(arch.num_layers):
-        o, p = f"blocks.{i}.", f"model.layers.{i}."
-        q, k, v = sd[o + "attn.qkv.weight"].split([h * d, kv * d, kv * d])
-        gate, up = sd[o + "mlp.gate_up.weight"].split(arch.intermediate_size)
-        out.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                    p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": sd[o + "attn.o.weight"],
-                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                    p + "mlp.down_proj.weight": sd[o + "mlp.down.weight"],
-                    p + "input_layernorm.weight": sd[o + "attn_norm.weight"],
-                    p + "post_attention_layernorm.weight": sd[o + "mlp_norm.weight"]})
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def test_gguf_and_hf_directory_load_the_same_model(tmp_path):
     tok = tiny_tokenizer()
     arch = tiny_arch(tok.vocab_size)
     sd = tiny_state_dict(arch, seed=3)
-    hf = _hf_names(arch, sd)
+    hf = hf_names(arch, sd)
     # Hugging Face directory
     d = tmp_path / "hf"
     d.mkdir()
@@ -63,26 +42,7 @@ def test_gguf_and_hf_directory_load_the_same_model(tmp_path):
         "max_position_embeddings": arch.max_position, "tie_word_embeddings": True}))
     tok.hf.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML_TEMPLATE, "eos_token": "<|im_end|>"}))
-    # GGUF with llama.cpp's names and q/k permutation
-    vocab = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
-    meta = {"general.architecture": "llama", "llama.block_count": arch.num_layers,
-            "llama.context_length": arch.max_position, "llama.embedding_length": arch.hidden_size,
-            "llama.feed_forward_length": arch.intermediate_size, "llama.attention.head_count": arch.num_heads,
-            "llama.attention.head_count_kv": arch.num_kv_heads, "llama.rope.freq_base": arch.rope_theta,
-            "llama.attention.layer_norm_rms_epsilon": arch.rms_norm_eps, "tokenizer.ggml.model": "gpt2",
-            "tokenizer.ggml.tokens": vocab, "tokenizer.ggml.token_type": [3 if v.startswith("<|") else 1 for v in vocab],
-            "tokenizer.ggml.merges": [], "tokenizer.ggml.eos_token_id": tok.hf.token_to_id("<|im_end|>"),
-            "tokenizer.chat_template": CHATML_TEMPLATE}
-    t = {"token_embd.weight": hf["model.embed_tokens.weight"], "output_norm.weight": hf["model.norm.weight"]}
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        t[f"blk.{i}.attn_q.weight"] = _permute(hf[p + "self_attn.q_proj.weight"], arch.num_heads)
-        t[f"blk.{i}.attn_k.weight"] = _permute(hf[p + "self_attn.k_proj.weight"], arch.num_kv_heads)
-        for ours, theirs in [("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                             ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
-                             ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]:
-            t[f"blk.{i}.{ours}.weight"] = hf[p + theirs + ".weight"]
-    write_gguf(tmp_path / "m.gguf", meta, {k: (v.numpy(), "F32") for k, v in t.items()})
+    write_tiny_gguf(tmp_path / "m.gguf", tok, arch, hf, "F32")  # llama.cpp's names and q/k permutation
 
     a, b = load_model(str(d)), load_model(str(tmp_path / "m.gguf"))
     assert a.arch == dataclasses.replace(b.arch, rms_norm_eps=a.arch.rms_norm_eps)  # GGUF stores eps as f32

@@ -32,11 +32,12 @@ class Sample:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--url", default=None, help="server root, e.g. http://127.0.0.1:8000 (not with --compare)")
     p.add_argument("--workload", default=str(WORKLOADS / "dev.jsonl"), help="JSONL workload file")
     p.add_argument("--concurrency", type=int, default=0,
                    help="standard streams kept running in the background while fast requests are measured")
-    p.add_argument("--model", default=None, help="model id (default: the first one the server lists)")
+    p.add_argument("--model", default=None,
+                   help="model id (default: the first one the server lists); with --compare, the model to load")
     p.add_argument("--repeats", type=int, default=1, help="runs of each prompt per speed")
     p.add_argument("--max-tokens", type=int, default=None, help="override every prompt's max_tokens")
     p.add_argument("--categories", default=None, help="comma-separated categories to run")
@@ -277,6 +278,11 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "compare", False):
+        from fastmode.bench.compare import run_compare
+        return run_compare(args)
+    if not args.url:
+        raise SystemExit("fastmode bench: --url is required (or --compare, which runs in-process)")
     try:
         return asyncio.run(_main(args))
     except httpx.HTTPError as e:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastmode.engine.block_manager import BlockManager
 from fastmode.engine.scheduler import Scheduled
-from fastmode.model.batch import ForwardBatch, Segment
+from fastmode.model.batch import DecodeRows, ForwardBatch, Segment
 from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
 
@@ -37,9 +37,13 @@ class Runner:
     def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager, invariant: bool, max_rows: int) -> None:
         """`max_rows`: the most rows a pass can have (prefill budget + decode and draft rows)."""
         self.model, self.cache, self.blocks = model, cache, blocks
-        mats = [model.blocks[0].attn.qkv.weight, model.blocks[0].attn.o.weight,
-                model.blocks[0].mlp.gate_up.weight, model.blocks[0].mlp.down.weight, model.lm_head.weight]
-        self.sizes = invariant_row_counts([m.detach() for m in mats], max(max_rows, 64)) if invariant else []
+        # Float matrices run on torch's GEMM, whose rows depend on the batch: pad for them.
+        # Quantized layers (QLinear) are row-invariant by construction and need no padding.
+        layers = [model.blocks[0].attn.qkv, model.blocks[0].attn.o, model.blocks[0].mlp.gate_up,
+                  model.blocks[0].mlp.down, model.lm_head]
+        mats = [m.weight.detach() for m in layers if not getattr(m, "row_invariant", False)]
+        invariant = invariant and bool(mats)
+        self.sizes = invariant_row_counts(mats, max(max_rows, 64)) if invariant else []
         self.pad_to = self._cheapest_padding(mats) if invariant else {}
         self.step_seconds: dict[int, float] = {}  # padded rows -> running average of pass time
 
@@ -127,6 +131,7 @@ class Runner:
             num_real=real,
             segments=segments,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
+            decode=None if any(seg.is_prefill for seg in segments) else _decode_rows(segments, total),
         )
         return batch, ranges
 
@@ -140,3 +145,18 @@ class Runner:
             old = self.step_seconds.get(rows)
             self.step_seconds[rows] = dt if old is None else 0.8 * old + 0.2 * dt
         return logits, ranges
+
+
+def _decode_rows(segments: list[Segment], total: int) -> DecodeRows:
+    """Where each row of a pure decode pass reads its keys; padding rows read one valid key."""
+    offsets: list[int] = []
+    lengths: list[int] = []
+    at = 0
+    for seg in segments:
+        offsets += [at] * seg.num_rows
+        lengths += range(seg.start_pos + 1, seg.start_pos + seg.num_rows + 1)
+        at += len(seg.kv_slots)
+    pad = total - len(offsets)
+    return DecodeRows(total, torch.cat([seg.kv_slots for seg in segments]),
+                      torch.tensor(offsets + [0] * pad, dtype=torch.long),
+                      torch.tensor(lengths + [1] * pad, dtype=torch.long))

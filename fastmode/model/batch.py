@@ -24,6 +24,21 @@ class Segment:
 
 
 @dataclass
+class DecodeRows:
+    """A pass whose rows all decode (or verify drafts), for the native attention kernel:
+    row r attends to `lengths[r]` keys whose cache slots start at `slots[offsets[r]]`."""
+
+    all_rows: int  # rows in the pass, padding included (padding rows attend to one key)
+    slots: torch.Tensor  # int64, every segment's kv_slots back to back
+    offsets: torch.Tensor  # [all_rows] int64
+    lengths: torch.Tensor  # [all_rows] int64
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.slots, self.offsets, self.lengths
+
+
+@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64; rows >= num_real are padding
     positions: torch.Tensor  # [T] int64
@@ -31,3 +46,4 @@ class ForwardBatch:
     num_real: int
     segments: list[Segment]
     logit_rows: torch.Tensor  # [R] int64, rows whose logits are returned (may repeat for padding)
+    decode: DecodeRows | None = None  # set when no row of the pass is a prefill row

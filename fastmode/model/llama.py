@@ -1,13 +1,48 @@
 """A Llama-family transformer in plain torch, reading and writing a paged KV cache."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmode import kernels
 from fastmode.config import ModelArch
 from fastmode.model.batch import ForwardBatch
 from fastmode.model.kv_cache import KVCache
+
+
+class QLinear(nn.Module):
+    """A linear layer whose weight stays in its GGUF block format (Q4_1 or Q8_0) and runs on
+    the native kernel. Each output row depends only on its input row, so results are the same
+    bit for bit in any batch: no padding is needed for batch invariance."""
+
+    row_invariant = True
+
+    def __init__(self, wtype: int, raw: torch.Tensor, out_features: int, in_features: int,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        lib = kernels.load()
+        if lib is None:
+            raise kernels.KernelError("the native kernels are not available")
+        self.lib, self.wtype = lib, wtype
+        self.out_features, self.in_features = out_features, in_features
+        self.register_buffer("raw", kernels.pack(wtype, raw))  # [out_features, row bytes] uint8, packed
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+    def run(self, x: torch.Tensor, prologue: int = kernels.PRO_NONE, norm: RMSNorm | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer with a fused prologue (kernels.PRO_*; `norm` for PRO_RMSNORM) and, with
+        `out`, the result added into `out` in place (a residual connection)."""
+        if self.bias is not None and out is not None:
+            raise ValueError("a biased layer cannot accumulate")
+        y = kernels.matmul(self.lib, self.wtype, self.raw, self.out_features, self.in_features, x, prologue,
+                           None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, out)
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -17,7 +52,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -27,17 +62,19 @@ class Rotary(nn.Module):
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float64), inv)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos().float(), persistent=False)  # [max_position, head_dim]
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.register_buffer("cos", torch.cat([freqs, freqs], dim=-1).cos().float(), persistent=False)
+        # sin with the rotate-half sign folded in: x * cos + swap_halves(x) * signed_sin
+        self.register_buffer("signed_sin", torch.cat([-freqs, freqs], dim=-1).sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin at these positions, [T, 1, head_dim], for every layer of a pass."""
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -49,19 +86,35 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.h * self.d, arch.hidden_size, bias=False)
         self.scale = self.d ** -0.5
 
-    def forward(self, x: torch.Tensor, rope: Rotary, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv(x).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
-        q = rope(q.view(t, self.h, self.d), batch.positions)
-        k = rope(k.view(t, self.hkv, self.d), batch.positions)
-        v = v.view(t, self.hkv, self.d)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
+                cache: KVCache) -> torch.Tensor:
+        t, h, hkv, d = x.shape[0], self.h, self.hkv, self.d
+        qkv = self.qkv(x)
+        qk = Rotary.apply(qkv[:, :(h + hkv) * d].view(t, h + hkv, d), *rope)  # q and k heads together
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
         n = batch.num_real
         cache.write(self.layer, batch.slot_mapping, k[:n], v[:n])
-        out = torch.zeros(t, self.h, self.d)
-        group = self.h // self.hkv
+        return self.o(self.attend(q, batch, cache, kernels.load()).view(t, h * d))
+
+    def attend(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache, lib: Any) -> torch.Tensor:
+        """Attention of rotated queries q [T, heads, head_dim] over the cache (this pass's keys
+        already written) -> [T, heads, head_dim]. Decode rows use the native kernel when `lib`."""
+        t, h, hkv, d = q.shape[0], self.h, self.hkv, self.d
+        if lib is not None and batch.decode is not None:
+            # a pure decode pass: every row attends straight from the cache, in one call
+            return kernels.attention_rows(lib, q, cache.k[self.layer], cache.v[self.layer], *batch.decode.tensors,
+                                          self.scale)
+        out = torch.zeros(t, h, d)
+        group = h // hkv
         for seg in batch.segments:
-            keys, values = cache.gather(self.layer, seg.kv_slots)  # [L, hkv, d]
             rows = slice(seg.row_start, seg.row_start + seg.num_rows)
+            if not seg.is_prefill and lib is not None:
+                length = torch.arange(seg.start_pos + 1, seg.start_pos + seg.num_rows + 1)
+                out[rows] = kernels.attention_rows(lib, q[rows], cache.k[self.layer], cache.v[self.layer],
+                                                   seg.kv_slots, torch.zeros_like(length), length, self.scale)
+                continue
+            keys, values = cache.gather(self.layer, seg.kv_slots)  # [L, hkv, d]
             if seg.is_prefill:
                 # One causal attention over the chunk; chunks are aligned to absolute
                 # positions, so both lanes see identical shapes for the same prompt.
@@ -77,10 +130,10 @@ class Attention(nn.Module):
                 vt = values.transpose(0, 1)  # [hkv, L, d]
                 for j in range(seg.num_rows):
                     length = seg.start_pos + j + 1
-                    qr = q[seg.row_start + j].view(self.hkv, group, self.d) * self.scale
+                    qr = q[seg.row_start + j].reshape(hkv, group, d) * self.scale
                     p = torch.softmax(qr @ kt[:, :, :length], dim=-1)  # [hkv, group, L]
-                    out[seg.row_start + j] = (p @ vt[:, :length]).view(self.h, self.d)
-        return self.o(out.view(t, self.h * self.d))
+                    out[seg.row_start + j] = (p @ vt[:, :length]).view(h, d)
+        return out
 
 
 class MLP(nn.Module):
@@ -103,7 +156,22 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x: torch.Tensor, rope: Rotary, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    def forward_native(self, x: torch.Tensor, rope: Rotary, batch: ForwardBatch, cache: KVCache,
+                       lib: Any) -> torch.Tensor:
+        """The block on the native kernels, updating x in place: norms fused into the next
+        projection, rope and the cache write in one call, residuals added by the projections."""
+        a, mlp, t = self.attn, self.mlp, x.shape[0]
+        qkv = a.qkv.run(x, kernels.PRO_RMSNORM, self.attn_norm)  # type: ignore[operator]
+        kernels.rope_store(lib, qkv, a.h, a.hkv, a.d, rope.cos, rope.signed_sin, batch.positions,
+                           batch.slot_mapping, batch.num_real, cache.k[a.layer], cache.v[a.layer])
+        out = a.attend(qkv[:, :a.h * a.d].view(t, a.h, a.d), batch, cache, lib)
+        a.o.run(out.view(t, a.h * a.d), out=x)  # type: ignore[operator]
+        gate_up = mlp.gate_up.run(x, kernels.PRO_RMSNORM, self.mlp_norm)  # type: ignore[operator]
+        mlp.down.run(gate_up, kernels.PRO_SWIGLU, out=x)  # type: ignore[operator]
+        return x
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch,
+                cache: KVCache) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, batch, cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -119,12 +187,28 @@ class Llama(nn.Module):
         if arch.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = Rotary(arch.head_dim, arch.max_position, arch.rope_theta)
+        self.native = False  # every block runs on the native kernels (see `use_native`)
+
+    def use_native(self) -> bool:
+        """Run blocks on the native kernels if every block projection is a bias-free QLinear;
+        returns whether it does."""
+        layers = [m for b in self.blocks for m in (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down)]
+        self.native = (kernels.load() is not None and self.arch.head_dim % 8 == 0
+                       and all(isinstance(m, QLinear) for m in layers)
+                       and all(m.bias is None for m in layers[1:]))
+        return self.native
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         """Run the batch; return logits for `batch.logit_rows`: [len(logit_rows), vocab]."""
         x = self.embed(batch.input_ids)  # [T, hidden]
-        for block in self.blocks:
-            x = block(x, self.rope, batch, cache)
+        lib = kernels.load() if self.native else None
+        if lib is not None:
+            for block in self.blocks:
+                x = block.forward_native(x, self.rope, batch, cache, lib)
+        else:
+            rope = self.rope.tables(batch.positions)
+            for block in self.blocks:
+                x = block(x, rope, batch, cache)
         x = self.norm(x[batch.logit_rows])
         return self.lm_head(x)

@@ -117,6 +117,29 @@ class GGUFFile:
         flat = dequantize(np.asarray(raw), info.type_id, numel)
         return flat.reshape(info.shape)
 
+    def load_blocks(self, name: str) -> tuple[int, torch.Tensor] | None:
+        """A matrix's raw Q4_1 or Q8_0 blocks as (ggml type id, uint8 [rows, row bytes]), Q4_0
+        converted to Q4_1; None for other types (load() dequantizes those)."""
+        info = self.tensors[name]
+        kind = TENSOR_TYPES.get(info.type_id, ("?",))[0]
+        if kind not in ("Q4_0", "Q4_1", "Q8_0") or len(info.shape) != 2:
+            return None
+        _, block, block_bytes = TENSOR_TYPES[info.type_id]
+        rows, cols = info.shape
+        raw = np.asarray(self._buf[info.offset:info.offset + rows * cols // block * block_bytes])
+        blocks = raw.reshape(rows * cols // block, block_bytes)
+        if kind == "Q4_0":
+            blocks, kind = q4_0_to_q4_1(blocks), "Q4_1"
+        type_id = next(t for t, v in TENSOR_TYPES.items() if v[0] == kind)
+        return type_id, torch.from_numpy(blocks.reshape(rows, -1).copy())
+
+
+def q4_0_to_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks [n, 18] -> the same values as Q4_1 blocks [n, 20] (m = -8 d, exact in f16)."""
+    d = blocks[:, :2].copy().view(np.float16)
+    m = (d.astype(np.float32) * -8.0).astype(np.float16)
+    return np.concatenate([d.view(np.uint8), m.view(np.uint8), blocks[:, 2:18]], axis=1)
+
 
 def dequantize(raw: np.ndarray, type_id: int, numel: int) -> torch.Tensor:
     """Raw bytes of one tensor -> flat float32 tensor of `numel` values."""

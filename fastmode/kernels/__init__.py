@@ -1,0 +1,183 @@
+"""Native CPU kernels: weight-only quantized matrix products on GGUF blocks (`qmatmul.c`).
+
+The C source ships with the package and is compiled at first use with the system's C
+compiler into the fastmode cache (`$FASTMODE_CACHE/kernels`, by default
+`~/.cache/fastmode/kernels`), keyed by the source, the compiler and the CPU, then loaded with
+ctypes. Without a compiler, `load()` returns None and the model runs its float weights in torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fastmode.kernels")
+
+SOURCE = Path(__file__).with_name("qmatmul.c")
+Q4_1, Q8_0 = 3, 8  # ggml type ids the kernel reads
+BLOCK = 32
+BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
+# -ffp-contract=off: the compiler must not fuse a*b+c on its own, differently in each code
+# path; the fused multiply-adds the kernels want are written as intrinsics.
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], ["-O3", "-fopenmp", "-ffp-contract=off"],
+              ["-O3", "-ffp-contract=off"])
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+class KernelError(RuntimeError):
+    """The native kernels were required but could not be built or loaded."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTMODE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "fastmode") / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _build(cc: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(source + version.encode() + _cpu_signature().encode() + repr(_FLAG_SETS).encode()).hexdigest()[:16]
+    target = cache_dir() / f"qmatmul-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / "qmatmul.so"
+            cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                os.replace(out, target)  # atomic: concurrent builders each write a whole file
+                log.info("built the quantized matmul kernel (%s)", " ".join(flags))
+                return target
+            errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}")
+    raise KernelError("could not compile the quantized matmul kernel:\n" + "\n".join(errors))
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it on first use; None if it cannot be built."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        cc = _compiler()
+        if cc is None:
+            log.warning("no C compiler found: quantized weights are dequantized to float32 (slower)")
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build(cc)))
+        except (KernelError, OSError) as e:
+            log.warning("%s; quantized weights are dequantized to float32 (slower)", e)
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.fm_linear.restype = lib.fm_rope_store.restype = lib.fm_attn_rows.restype = ctypes.c_int
+        lib.fm_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
+                                  ctypes.c_float, ctypes.c_int]
+        lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+        lib.fm_attn_rows.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
+                                     ctypes.c_int]
+        lib.fm_has_avx2.restype = ctypes.c_int
+        _lib = lib
+        return lib
+
+
+PRO_NONE, PRO_RMSNORM, PRO_SWIGLU = 0, 1, 2  # what a linear layer does to its input first
+GROUP = 8  # blocks whose scales the kernel reads together
+
+
+def pack(wtype: int, blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF blocks [rows, row bytes] -> the kernel's layout (same bytes, same size): per row,
+    groups of 8 blocks with their f16 scales (and Q4_1 minimums) first, then the values; the
+    last row-blocks % 8 blocks stay as they are."""
+    size = BLOCK_BYTES[wtype]
+    rows = blocks.shape[0]
+    nb = blocks.shape[1] // size
+    g = nb // GROUP
+    b = blocks.reshape(rows, nb, size)
+    head = b[:, :g * GROUP].reshape(rows, g, GROUP, size)
+    header = 4 if wtype == Q4_1 else 2
+    parts = [head[..., 0:2].reshape(rows, g, GROUP * 2)]  # 8 scales d
+    if wtype == Q4_1:
+        parts.append(head[..., 2:4].reshape(rows, g, GROUP * 2))  # 8 minimums m
+    parts.append(head[..., header:].reshape(rows, g, GROUP * (size - header)))  # 8 blocks of values
+    grouped = torch.cat(parts, dim=-1).reshape(rows, -1)
+    return torch.cat([grouped, b[:, g * GROUP:].reshape(rows, -1)], dim=1).contiguous()
+
+
+def matmul(lib: ctypes.CDLL, wtype: int, weight: torch.Tensor, n: int, k: int, x: torch.Tensor,
+           prologue: int = PRO_NONE, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, k] float32 @ W^T -> [M, n], W an [n, k] matrix's blocks in `pack`'s layout (uint8).
+
+    `prologue` PRO_RMSNORM applies an RMS norm (`norm_weight`, `eps`) to each x row first;
+    PRO_SWIGLU takes x [M, 2k] = [gate | up] and uses silu(gate) * up. With `out` (contiguous
+    [M, n] float32) the product is added into it (a residual connection) and `out` returned."""
+    x = x.contiguous()
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32) if out is None else out
+    rc = lib.fm_linear(wtype, weight.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads(),
+                       prologue, None if norm_weight is None else norm_weight.data_ptr(), eps, out is not None)
+    if rc != 0:
+        raise KernelError(f"fm_linear failed ({rc}) for type {wtype}, [{m}, {k}] x [{n}, {k}]")
+    return y
+
+
+def rope_store(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+               signed_sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, num_real: int,
+               k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Rotate qkv's q and k heads in place (rotate-half rope, tables [max_position, head_dim])
+    and store the first `num_real` rows' k and v at their cache slots."""
+    rc = lib.fm_rope_store(qkv.data_ptr(), qkv.shape[0], heads, kv_heads, head_dim, cos.data_ptr(),
+                           signed_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_real,
+                           k_cache.data_ptr(), v_cache.data_ptr())
+    if rc != 0:
+        raise KernelError(f"fm_rope_store failed ({rc})")
+
+
+def attention_rows(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                   offsets: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """Decode attention, row by row, straight from the paged cache (no gather).
+
+    q [rows, heads, head_dim] (rows may be strided, heads and head_dim contiguous); k, v one
+    layer's cache [slots, kv_heads, head_dim] (contiguous); row r attends to the `lengths[r]`
+    keys whose slots are `slots[offsets[r]:]` (int64). Returns [rows, heads, head_dim]."""
+    rows, heads, dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    out = torch.empty(rows, heads, dim, dtype=torch.float32)
+    rc = lib.fm_attn_rows(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), slots.data_ptr(),
+                          offsets.data_ptr(), lengths.data_ptr(), rows, heads, k.shape[1], dim, scale,
+                          out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise KernelError(f"fm_attn_rows failed ({rc})")
+    return out

@@ -1,0 +1,439 @@
+/* Weight-only quantized matrix products for CPU: y[M, N] = x[M, K] @ W[N, K]^T, where W stays
+ * in its GGUF block format (Q4_1 or Q8_0, 32 weights a block) and each row of x is quantized
+ * to 8 bits per 32-value block before the integer dot products.
+ *
+ * Every output y[m, n] is one dot product whose operations and their order depend only on
+ * x[m] and W[n]: not on M, on the other rows, on the thread count or on how work is split.
+ * So a row's result is bit-identical whatever batch it is computed in (batch invariance),
+ * which is what lets the fast and standard lanes produce identical tokens without padding.
+ *
+ * Built at first use by fastmode.kernels (gcc/cc, -O3 -march=native -fopenmp), called through
+ * ctypes. Parallel over N with OpenMP; in a process that has imported torch this is torch's
+ * own OpenMP runtime, so the kernels and torch share one thread pool.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define FM_AVX2 1
+#endif
+
+#define QK 32
+#define PARALLEL_MIN_BLOCKS 8192 /* weight-block dot products below which a matmul stays serial */
+#define PARALLEL_MIN_ATTN 65536  /* query-key products below which attention stays serial */
+#define Q4_1_BYTES 20 /* f16 d, f16 m, 16 bytes of nibbles */
+#define Q8_0_BYTES 34 /* f16 d, 32 int8 */
+
+enum { FM_Q4_1 = 3, FM_Q8_0 = 8 }; /* ggml type ids */
+
+/* Activations, quantized row by row: for each 32-value block b of a row, x ~ d[b] * q[b][:]
+ * and s[b] = d[b] * sum(q[b][:]) (what a Q4_1 block's minimum multiplies). */
+typedef struct {
+    const int8_t *q; /* [nb][32] */
+    const float *d;  /* [nb] */
+    const float *s;  /* [nb] */
+} xrow;
+
+/* Weights are repacked at load (fastmode.kernels.pack) so that 8 blocks' scales sit together:
+ * a row is nb / 8 groups, then nb % 8 blocks as the GGUF has them.
+ *   Q4_1 group (160 bytes): 8 f16 d, 8 f16 m, 8 x 16 bytes of nibbles (low nibbles: values 0..15)
+ *   Q8_0 group (272 bytes): 8 f16 d, 8 x 32 int8
+ * The same bytes as the GGUF blocks, in another order. */
+#define GROUP 8
+
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else { /* subnormal: normalize */
+            exp = 127 - 15 + 1;
+            while (!(mant & 0x400)) { mant <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (mant << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < K / QK; b++) {
+        const float *v = x + b * QK;
+#ifdef FM_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8);
+        __m256 v2 = _mm256_loadu_ps(v + 16), v3 = _mm256_loadu_ps(v + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(mx, 1), _mm256_castps256_ps128(mx));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+        const __m256 mul = _mm256_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
+        __m256i t = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m128i t4 = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        t4 = _mm_hadd_epi32(t4, t4);
+        t4 = _mm_hadd_epi32(t4, t4);
+        const int sum = _mm_cvtsi128_si32(t4);
+        i0 = _mm256_packs_epi32(i0, i1);
+        i2 = _mm256_packs_epi32(i2, i3);
+        i0 = _mm256_packs_epi16(i0, i2);
+        i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + b * QK), i0);
+#else
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
+        const float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            int qi = (int)nearbyintf(v[j] * id);
+            qi = qi > 127 ? 127 : (qi < -127 ? -127 : qi);
+            q[b * QK + j] = (int8_t)qi;
+            sum += qi;
+        }
+#endif
+        d[b] = db;
+        s[b] = db * (float)sum;
+    }
+}
+
+#ifdef FM_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* eight int32x8 partial sums -> one vector of their eight totals, in order (exact) */
+static inline __m256i reduce8(const __m256i *p) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static inline __m256i q4_unpack(const uint8_t *qs) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)qs);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
+}
+
+static inline __m256i q4_dot(__m256i qw, const int8_t *xq) { /* 0..15 x int8, pairwise in int32 */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(qw, _mm256_loadu_si256((const __m256i *)xq)), _mm256_set1_epi16(1));
+}
+
+static inline __m256i q8_dot(__m256i qw, const int8_t *xq) { /* int8 x int8: qw's sign moves onto x */
+    __m256i qx = _mm256_loadu_si256((const __m256i *)xq);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)),
+                             _mm256_set1_epi16(1));
+}
+#endif
+
+/* The tail blocks of a row (GGUF layout), in one fixed scalar order. */
+static float tail_dot(int type, const uint8_t *w, int64_t b0, int64_t nb, const xrow *x) {
+    float acc = 0.0f;
+    for (int64_t b = b0; b < nb; b++) {
+        const int8_t *xq = x->q + b * QK;
+        int isum = 0;
+        if (type == FM_Q4_1) {
+            for (int j = 0; j < 16; j++) isum += (w[4 + j] & 0x0F) * xq[j] + (w[4 + j] >> 4) * xq[j + 16];
+            acc += half_to_float(rd16(w)) * x->d[b] * (float)isum + half_to_float(rd16(w + 2)) * x->s[b];
+            w += Q4_1_BYTES;
+        } else {
+            const int8_t *qw = (const int8_t *)(w + 2);
+            for (int j = 0; j < QK; j++) isum += qw[j] * xq[j];
+            acc += half_to_float(rd16(w)) * x->d[b] * (float)isum;
+            w += Q8_0_BYTES;
+        }
+    }
+    return acc;
+}
+
+#define R 4 /* x rows sharing one pass over a weight row */
+
+/* out[r] = dot(weight row w, x row xs[r]) for r < nx (nx = 1 or R). Each output's operations
+ * and their order are the same whatever nx is, so results never depend on the batch. */
+static inline __attribute__((always_inline)) void dot_rows_n(int type, const uint8_t *w, int64_t nb,
+                                                              const xrow *xs, const int nx, float *out) {
+    const int64_t groups = nb / GROUP;
+    const int64_t gbytes = GROUP * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+#ifdef FM_AVX2
+    __m256 acc[R], accm[R];
+    for (int r = 0; r < nx; r++) { acc[r] = _mm256_setzero_ps(); accm[r] = _mm256_setzero_ps(); }
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *gw = w + g * gbytes;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gw));
+        __m256i p[R][GROUP];
+        if (type == FM_Q4_1) {
+            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gw + 16)));
+            for (int b = 0; b < GROUP; b++) {
+                const __m256i qw = q4_unpack(gw + 32 + b * 16);
+                for (int r = 0; r < nx; r++) p[r][b] = q4_dot(qw, xs[r].q + (g * GROUP + b) * QK);
+            }
+            for (int r = 0; r < nx; r++)
+                accm[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xs[r].s + g * GROUP), accm[r]);
+        } else {
+            for (int b = 0; b < GROUP; b++) {
+                const __m256i qw = _mm256_loadu_si256((const __m256i *)(gw + 16 + b * QK));
+                for (int r = 0; r < nx; r++) p[r][b] = q8_dot(qw, xs[r].q + (g * GROUP + b) * QK);
+            }
+        }
+        for (int r = 0; r < nx; r++) {
+            const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[r].d + g * GROUP));
+            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(reduce8(p[r])), acc[r]);
+        }
+    }
+    for (int r = 0; r < nx; r++)
+        out[r] = hsum8(acc[r]) + hsum8(accm[r]) + tail_dot(type, w + groups * gbytes, groups * GROUP, nb, &xs[r]);
+#else
+    for (int r = 0; r < nx; r++) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *gw = w + g * gbytes;
+            for (int b = 0; b < GROUP; b++) {
+                const int64_t blk = g * GROUP + b;
+                const int8_t *xq = xs[r].q + blk * QK;
+                int isum = 0;
+                float dw = half_to_float(rd16(gw + 2 * b)), mterm = 0.0f;
+                if (type == FM_Q4_1) {
+                    const uint8_t *qs = gw + 32 + b * 16;
+                    for (int j = 0; j < 16; j++) isum += (qs[j] & 0x0F) * xq[j] + (qs[j] >> 4) * xq[j + 16];
+                    mterm = half_to_float(rd16(gw + 16 + 2 * b)) * xs[r].s[blk];
+                } else {
+                    const int8_t *qw = (const int8_t *)(gw + 16 + b * QK);
+                    for (int j = 0; j < QK; j++) isum += qw[j] * xq[j];
+                }
+                acc += dw * xs[r].d[blk] * (float)isum + mterm;
+            }
+        }
+        out[r] = acc + tail_dot(type, w + groups * gbytes, groups * GROUP, nb, &xs[r]);
+    }
+#endif
+}
+
+/* nx as a constant in each copy: the compiler keeps the partial sums in registers */
+static void dot_rows(int type, const uint8_t *w, int64_t nb, const xrow *xs, int nx, float *out) {
+    if (nx == R) dot_rows_n(type, w, nb, xs, R, out);
+    else dot_rows_n(type, w, nb, xs, 1, out);
+}
+
+/* 1 if this build uses the AVX2 path (for reports). */
+int fm_has_avx2(void) {
+#ifdef FM_AVX2
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The input row a linear layer quantizes, after its prologue:
+ * PRO_NONE: x itself; PRO_RMSNORM: x / sqrt(mean(x^2) + eps) * pw (a pre-norm);
+ * PRO_SWIGLU: x holds [gate (K) | up (K)], the row is silu(gate) * up. */
+enum { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SWIGLU = 2 };
+
+static void prologue_row(int prologue, const float *x, int64_t K, const float *pw, float eps, float *out) {
+    if (prologue == PRO_RMSNORM) {
+        float ss = 0.0f;
+        for (int64_t j = 0; j < K; j++) ss += x[j] * x[j];
+        const float scale = 1.0f / sqrtf(ss / (float)K + eps);
+        for (int64_t j = 0; j < K; j++) out[j] = x[j] * scale * pw[j];
+    } else { /* PRO_SWIGLU */
+        for (int64_t j = 0; j < K; j++) {
+            const float g = x[j];
+            out[j] = g / (1.0f + expf(-g)) * x[K + j];
+        }
+    }
+}
+
+/* y[M, N] (=, or += with accumulate) (prologue(x))[M, K] @ W^T, W [N, K] in `type` blocks.
+ * Returns 0, -1 for a bad type or shape, -2 when out of memory. */
+int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+              int nthreads, int prologue, const float *pw, float eps, int accumulate) {
+    if (K % QK != 0 || (type != FM_Q4_1 && type != FM_Q8_0) || prologue < PRO_NONE || prologue > PRO_SWIGLU)
+        return -1;
+    const int64_t nb = K / QK;
+    const int64_t row_bytes = nb * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+    const int64_t x_stride = prologue == PRO_SWIGLU ? 2 * K : K;
+    /* one allocation: int8 values, then scales d, then sums s */
+    uint8_t *xbuf = (uint8_t *)malloc((size_t)(M * nb) * (QK + 2 * sizeof(float)));
+    if (!xbuf) return -2;
+    int8_t *xq = (int8_t *)xbuf;
+    float *xd = (float *)(xbuf + M * nb * QK), *xs = xd + M * nb;
+    if (nthreads < 1) nthreads = 1;
+    int failed = 0;
+    /* quantize the activations (row by row: a row's blocks depend only on that row) */
+#pragma omp parallel num_threads(nthreads) if (M > 8)
+    {
+        float *tmp = prologue != PRO_NONE ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
+        if (prologue != PRO_NONE && !tmp) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            if (prologue == PRO_NONE) {
+                quantize_row(x + m * x_stride, K, xq + m * nb * QK, xd + m * nb, xs + m * nb);
+            } else if (tmp) {
+                prologue_row(prologue, x + m * x_stride, K, pw, eps, tmp);
+                quantize_row(tmp, K, xq + m * nb * QK, xd + m * nb, xs + m * nb);
+            }
+        }
+        free(tmp);
+    }
+    if (failed) { free(xbuf); return -2; }
+    /* tiles of output columns: a tile's weight rows stay in cache while every x row passes */
+    const int64_t tile = 16;
+    const int64_t ntiles = (N + tile - 1) / tile;
+    float *dst = y;
+    float *scratch = NULL;
+    if (accumulate) { /* dot products land in scratch, then add to y row by row, in one order */
+        scratch = (float *)malloc((size_t)(M * N) * sizeof(float));
+        if (!scratch) { free(xbuf); return -2; }
+        dst = scratch;
+    }
+    /* small products run on one thread: a fork and join costs more than they do */
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N * nb >= PARALLEL_MIN_BLOCKS)
+    for (int64_t t = 0; t < ntiles; t++) {
+        const int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
+        int64_t m = 0;
+        for (; m < M; m += (M - m >= R ? R : 1)) {
+            const int nx = M - m >= R ? R : 1;
+            xrow xr[R];
+            float out[R];
+            for (int r = 0; r < nx; r++) {
+                const int64_t row = m + r;
+                xr[r].q = xq + row * nb * QK;
+                xr[r].d = xd + row * nb;
+                xr[r].s = xs + row * nb;
+            }
+            for (int64_t n = n0; n < n1; n++) {
+                dot_rows(type, w + n * row_bytes, nb, xr, nx, out);
+                for (int r = 0; r < nx; r++) dst[(m + r) * N + n] = out[r];
+            }
+        }
+        if (accumulate)
+            for (int64_t mm = 0; mm < M; mm++)
+                for (int64_t n = n0; n < n1; n++) y[mm * N + n] += scratch[mm * N + n];
+    }
+    free(scratch);
+    free(xbuf);
+    return 0;
+}
+
+int fm_matmul(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+              int nthreads) {
+    return fm_linear(type, w, N, K, x, M, y, nthreads, PRO_NONE, NULL, 0.0f, 0);
+}
+
+/* Rotary embedding and the KV cache write for one layer, in place on the qkv projection.
+ * qkv: [T, (heads + 2 kv_heads) * head_dim] rows (q heads, k heads, v heads); the q and k heads
+ * of row t are rotated at positions[t] (rotate-half layout: x * cos + swap_halves(x) * ssin,
+ * cos and ssin tables [max_position, head_dim]); rows t < num_real then store their k and v at
+ * cache slot slots[t] of kc, vc ([slots, kv_heads, head_dim]). */
+int fm_rope_store(float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                  const float *cos, const float *ssin, const int64_t *positions, const int64_t *slots,
+                  int64_t num_real, float *kc, float *vc) {
+    if (head_dim % 2 != 0) return -1;
+    const int64_t width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
+    const int64_t kv_width = kv_heads * head_dim;
+    float tmp[1024];
+    if (head_dim > 1024) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * width;
+        const float *c = cos + positions[t] * head_dim, *s = ssin + positions[t] * head_dim;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {
+            float *x = row + h * head_dim;
+            for (int64_t e = 0; e < half; e++) {
+                tmp[e] = x[e] * c[e] + x[e + half] * s[e];
+                tmp[e + half] = x[e + half] * c[e + half] + x[e] * s[e + half];
+            }
+            memcpy(x, tmp, (size_t)head_dim * sizeof(float));
+        }
+        if (t < num_real) {
+            memcpy(kc + slots[t] * kv_width, row + heads * head_dim, (size_t)kv_width * sizeof(float));
+            memcpy(vc + slots[t] * kv_width, row + (heads + kv_heads) * head_dim, (size_t)kv_width * sizeof(float));
+        }
+    }
+    return 0;
+}
+
+/* Decode attention over the paged KV cache, one query row at a time.
+ * q: rows `q_stride` floats apart, each [heads, head_dim] (head_dim a multiple of 8); k, v: one layer's cache [slots, kv_heads, head_dim];
+ * slots: the cache slot of each key position, [total]; row r attends to positions
+ * [0, lengths[r]) whose slots start at slots + offsets[r]; out: [rows, heads, head_dim].
+ * Each (row, head) is computed by the same operations whatever else is in the batch. */
+int fm_attn_rows(const float *q, int64_t q_stride, const float *k, const float *v, const int64_t *slots,
+                 const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t heads,
+                 int64_t kv_heads, int64_t head_dim, float scale, float *out, int nthreads) {
+    if (heads % kv_heads != 0 || head_dim % 8 != 0) return -1;
+    int64_t max_len = 0;
+    for (int64_t r = 0; r < rows; r++) max_len = lengths[r] > max_len ? lengths[r] : max_len;
+    const int64_t group = heads / kv_heads, stride = kv_heads * head_dim;
+    int failed = 0;
+    if (nthreads < 1) nthreads = 1;
+#pragma omp parallel num_threads(nthreads) if (rows * heads > 1 && rows * heads * max_len >= PARALLEL_MIN_ATTN)
+    {
+        float *p = (float *)malloc((size_t)(max_len > 0 ? max_len : 1) * sizeof(float));
+        if (!p) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows * heads; task++) {
+            if (!p) continue;
+            const int64_t r = task / heads, h = task % heads, g = h / group, n = lengths[r];
+            const int64_t *sl = slots + offsets[r];
+            const float *qh = q + r * q_stride + h * head_dim;
+            float *o = out + (r * heads + h) * head_dim;
+            float mx = -INFINITY;
+            for (int64_t i = 0; i < n; i++) {
+                const float *kh = k + sl[i] * stride + g * head_dim;
+#ifdef FM_AVX2
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t e = 0; e < head_dim; e += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), _mm256_loadu_ps(kh + e), acc);
+                float s = hsum8(acc) * scale;
+#else
+                float s = 0.0f;
+                for (int64_t e = 0; e < head_dim; e++) s += qh[e] * kh[e];
+                s *= scale;
+#endif
+                p[i] = s;
+                mx = s > mx ? s : mx;
+            }
+            float sum = 0.0f;
+            for (int64_t i = 0; i < n; i++) { p[i] = expf(p[i] - mx); sum += p[i]; }
+            const float inv = 1.0f / sum;
+            for (int64_t e = 0; e < head_dim; e++) o[e] = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                const float *vh = v + sl[i] * stride + g * head_dim;
+                const float w = p[i] * inv;
+#ifdef FM_AVX2
+                __m256 wv = _mm256_set1_ps(w);
+                for (int64_t e = 0; e < head_dim; e += 8)
+                    _mm256_storeu_ps(o + e, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vh + e), _mm256_loadu_ps(o + e)));
+#else
+                for (int64_t e = 0; e < head_dim; e++) o[e] += w * vh[e];
+#endif
+            }
+        }
+        free(p);
+    }
+    return failed ? -2 : 0;
+}

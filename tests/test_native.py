@@ -1,0 +1,186 @@
+"""The native kernels: quantized matmuls on GGUF blocks, fused prologues, rope + cache write,
+decode attention; and the engine on a Q4_1 model, where they make every row batch-invariant."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import test_engine
+from fastmode import kernels
+from fastmode.model.llama import Rotary
+from fastmode.weights.gguf import GGUFFile, dequantize, q4_0_to_q4_1
+from gguf_writer import TYPE_IDS, quantize, write_gguf
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = kernels.load()
+    if lib is None:
+        pytest.skip("the native kernels cannot be built here (no C compiler)")
+    return lib
+
+
+def blocks(kind, n, k, seed=0):
+    """A random [n, k] matrix quantized to `kind`: (type id, raw blocks, its float values)."""
+    w = np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+    raw = np.frombuffer(quantize(w, kind), dtype=np.uint8)
+    exact = dequantize(raw, TYPE_IDS[kind], n * k).reshape(n, k)
+    return TYPE_IDS[kind], kernels.pack(TYPE_IDS[kind], torch.from_numpy(raw.reshape(n, -1).copy())), exact
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_quantized_matmul_matches_the_dequantized_weights(lib, kind):
+    wtype, raw, exact = blocks(kind, 96, 320)  # 10 blocks a row: one group of 8 and 2 more
+    x = torch.randn(7, 320)
+    y = kernels.matmul(lib, wtype, raw, 96, 320, x)
+    ref = F.linear(x, exact)
+    # only the activations are rounded (to 8 bits per 32-value block)
+    assert ((y - ref).norm() / ref.norm()).item() < 0.02
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_every_row_is_bit_identical_in_any_batch_and_with_any_thread_count(lib, kind):
+    wtype, raw, _ = blocks(kind, 200, 576, seed=1)  # 200: not a multiple of the 16-column tiles
+    x = torch.randn(13, 576)
+    full = kernels.matmul(lib, wtype, raw, 200, 576, x)
+    for m in range(1, 13):  # rows in fours and one at a time
+        assert torch.equal(kernels.matmul(lib, wtype, raw, 200, 576, x[:m]), full[:m]), m
+        assert torch.equal(kernels.matmul(lib, wtype, raw, 200, 576, x[m:m + 1]), full[m:m + 1]), m
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.matmul(lib, wtype, raw, 200, 576, x), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fused_prologues_and_the_residual_add(lib):
+    wtype, raw, exact = blocks("Q4_1", 64, 288, seed=2)
+    x = torch.randn(5, 288)
+    norm = torch.rand(288) + 0.5
+    y = kernels.matmul(lib, wtype, raw, 64, 288, x, kernels.PRO_RMSNORM, norm, 1e-5)
+    ref = F.linear(F.rms_norm(x, (288,), norm, 1e-5), exact)
+    assert ((y - ref).norm() / ref.norm()).item() < 0.02
+    gate_up = torch.randn(5, 576)
+    y = kernels.matmul(lib, wtype, raw, 64, 288, gate_up, kernels.PRO_SWIGLU)
+    ref = F.linear(F.silu(gate_up[:, :288]) * gate_up[:, 288:], exact)
+    assert ((y - ref).norm() / ref.norm()).item() < 0.02
+    residual = torch.randn(5, 64)
+    expected = residual + kernels.matmul(lib, wtype, raw, 64, 288, x)  # the same dot products, one add
+    out = residual.clone()
+    assert kernels.matmul(lib, wtype, raw, 64, 288, x, out=out) is out
+    assert torch.equal(out, expected)
+
+
+def test_pack_only_reorders_bytes():
+    rows = torch.arange(3 * 10 * 20).remainder(251).to(torch.uint8).reshape(3, 200)  # 10 Q4_1 blocks a row
+    packed = kernels.pack(kernels.Q4_1, rows)
+    assert packed.shape == rows.shape
+    for r in range(3):
+        group = rows[r, :160].reshape(8, 20)
+        assert packed[r, :16].tolist() == group[:, :2].reshape(-1).tolist()  # 8 scales first
+        assert packed[r, 16:32].tolist() == group[:, 2:4].reshape(-1).tolist()  # then 8 minimums
+        assert packed[r, 32:160].tolist() == group[:, 4:].reshape(-1).tolist()  # then the nibbles
+        assert packed[r, 160:].tolist() == rows[r, 160:].tolist()  # the 2 blocks after the group as they were
+    q8 = torch.arange(2 * 9 * 34).remainder(251).to(torch.uint8).reshape(2, 306)  # 9 Q8_0 blocks a row
+    packed8 = kernels.pack(kernels.Q8_0, q8)
+    group = q8[0, :272].reshape(8, 34)
+    assert packed8[0, :16].tolist() == group[:, :2].reshape(-1).tolist()
+    assert packed8[0, 16:272].tolist() == group[:, 2:].reshape(-1).tolist()
+    assert packed8[0, 272:].tolist() == q8[0, 272:].tolist()
+
+
+def test_q4_0_converts_to_q4_1_exactly():
+    w = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    raw = np.frombuffer(quantize(w, "Q4_0"), dtype=np.uint8)
+    converted = q4_0_to_q4_1(raw.reshape(-1, 18))
+    assert torch.equal(dequantize(raw, TYPE_IDS["Q4_0"], w.size),
+                       dequantize(converted.reshape(-1), TYPE_IDS["Q4_1"], w.size))
+
+
+def test_load_blocks_keeps_quantized_matrices_only(tmp_path):
+    rng = np.random.default_rng(4)
+    write_gguf(tmp_path / "t.gguf", {"general.architecture": "llama"},
+               {"q": (rng.standard_normal((8, 64)), "Q4_0"), "f": (rng.standard_normal((8, 64)), "F16")})
+    f = GGUFFile(tmp_path / "t.gguf")
+    wtype, raw = f.load_blocks("q")
+    assert wtype == TYPE_IDS["Q4_1"] and raw.shape == (8, 2 * 20)
+    assert torch.equal(dequantize(raw.numpy().reshape(-1), wtype, 8 * 64).reshape(8, 64), f.load("q"))
+    assert f.load_blocks("f") is None
+
+
+def test_rope_store_rotates_in_place_and_writes_the_cache(lib):
+    heads, kv_heads, dim, t = 4, 2, 16, 5
+    rope = Rotary(dim, 64, 10000.0)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+    positions = torch.tensor([3, 9, 10, 11, 0])
+    slots = torch.tensor([7, 2, 5, 1])  # 4 real rows, one padding row
+    kc, vc = torch.zeros(12, kv_heads, dim), torch.zeros(12, kv_heads, dim)
+    before = qkv.clone()
+    kernels.rope_store(lib, qkv, heads, kv_heads, dim, rope.cos, rope.signed_sin, positions, slots, 4, kc, vc)
+    qk = before[:, :(heads + kv_heads) * dim].view(t, heads + kv_heads, dim)
+    expected = Rotary.apply(qk, *rope.tables(positions))
+    assert torch.allclose(qkv[:, :(heads + kv_heads) * dim].view(t, heads + kv_heads, dim), expected, atol=1e-5)
+    for row, slot in enumerate(slots.tolist()):
+        assert torch.equal(kc[slot], qkv[row, heads * dim:(heads + kv_heads) * dim].view(kv_heads, dim))
+        assert torch.equal(vc[slot], before[row, (heads + kv_heads) * dim:].view(kv_heads, dim))
+    assert kc[[0, 3, 4, 6]].abs().sum() == 0  # nothing else written, padding row included
+
+
+def test_decode_attention_from_the_paged_cache(lib):
+    heads, kv_heads, dim = 4, 2, 16
+    k, v = torch.randn(40, kv_heads, dim), torch.randn(40, kv_heads, dim)
+    slots = torch.randperm(40)[:20]
+    q = torch.randn(3, heads, dim)
+    lengths = torch.tensor([20, 7, 1])
+    out = kernels.attention_rows(lib, q, k, v, slots, torch.zeros(3, dtype=torch.long), lengths, dim ** -0.5)
+    for r, n in enumerate(lengths.tolist()):
+        keys = k[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)  # [heads, n, dim]
+        vals = v[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)
+        p = torch.softmax(q[r].unsqueeze(1) @ keys.transpose(1, 2) * dim ** -0.5, -1)
+        assert torch.allclose(out[r], (p @ vals).squeeze(1), atol=1e-5)
+        alone = kernels.attention_rows(lib, q[r:r + 1], k, v, slots, torch.zeros(1, dtype=torch.long),
+                                       lengths[r:r + 1], dim ** -0.5)
+        assert torch.equal(alone[0], out[r])  # a row's result does not depend on the other rows
+
+
+# ---- the engine on a Q4_1 model: the engine's lane tests, on the native kernels ---------
+
+def test_native_lanes_give_identical_greedy_tokens(make_q4_engine):
+    test_engine.test_fast_and_standard_give_identical_greedy_tokens(make_q4_engine)
+
+
+def test_native_lanes_agree_when_drafts_are_often_wrong(make_q4_engine, monkeypatch):
+    test_engine.test_lanes_agree_when_drafts_are_often_wrong(make_q4_engine, monkeypatch)
+
+
+def test_native_output_does_not_depend_on_batch_company(make_q4_engine):
+    test_engine.test_output_does_not_depend_on_batch_company(make_q4_engine)
+
+
+def test_native_chunked_prefill_matches_across_lanes(make_q4_engine):
+    test_engine.test_long_prompt_prefills_in_chunks_and_matches_across_lanes(make_q4_engine)
+
+
+def test_native_verification_needs_no_padding(make_q4_engine):
+    engine = make_q4_engine(invariant_numerics=True)
+    assert engine.runner.sizes == [] and engine.runner.padded(3) == 3  # nothing to pad for
+    verified, sequential = test_engine._verify_vs_sequential(engine, test_engine.prompts(1, seed=6)[0][:30])
+    assert torch.equal(verified, sequential)
+
+
+def test_native_model_stays_close_to_its_float_twin(tiny_q4, make_q4_engine):
+    """The same GGUF dequantized to float32 and run in torch: logits agree closely (only the
+    activations' 8-bit rounding differs), so the native path computes the same model."""
+    from fastmode.weights.registry import load_model
+    from fastmode.engine.engine import Engine
+    from tests.conftest import small_engine_config
+    float_twin = load_model(tiny_q4.name, native_kernels=False)  # the GGUF's path
+    assert not float_twin.model.native
+    prompt = test_engine.prompts(1, seed=11)[0][:30]  # one prefill chunk
+    a, _ = test_engine._verify_vs_sequential(make_q4_engine(), prompt)
+    b, _ = test_engine._verify_vs_sequential(
+        Engine(float_twin.model, small_engine_config(), float_twin.tokenizer.eos_ids), prompt)
+    cos = F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    assert cos > 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
