@@ -87,7 +87,7 @@ def tiny_q4(tmp_path_factory) -> LoadedModel:
     arch = dataclasses.replace(tiny_arch(tok.vocab_size), hidden_size=288, intermediate_size=320)
     path = tmp_path_factory.mktemp("q4") / "tiny-q4.gguf"
     write_tiny_gguf(path, tok, arch, hf_names(arch, tiny_state_dict(arch)), "Q4_1", embed_kind="Q8_0")
-    loaded = load_model(str(path))
+    loaded = load_model(str(path), native_kernels=True)
     assert loaded.model.native, "a Q4_1 model must run on the native kernels"
     return loaded
 

@@ -77,7 +77,8 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     threads = torch.get_num_threads()
     try:
         assert main(["bench", "--compare", "--model", "tiny-random", "--workload", str(wl), "--repeats", "2",
-                     "--threads", "1", "--out", str(tmp_path / "out"), "--page", str(page)]) == 0
+                     "--threads", "1", "--native-kernels", "off", "--out", str(tmp_path / "out"),
+                     "--page", str(page)]) == 0
     finally:
         torch.set_num_threads(threads)  # --threads sets the process's torch threads
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
@@ -86,7 +87,9 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     assert {r["contender"] for r in runs} >= {"fastmode standard", "fastmode fast"}
     assert len([r for r in runs if r["contender"] == "fastmode fast"]) == 4  # 2 prompts x 2 repeats
     assert all(len(r["tokens"]) > 0 and r["otps"] > 0 for r in runs)
-    assert report["identical_fast_standard"] == [4, 4]
-    assert report["read_bandwidth_gbs"] > 0 and report["decode_bandwidth_gbs"] > 0
+    config = report["configs"]["default"]
+    assert config["identical_fast_standard"] == [4, 4] and config["weights"] == "float32 in torch"
+    assert report["read_bandwidth_gbs"] > 0 and config["decode_bandwidth_gbs"] > 0
+    assert set(config["fast_over_standard"]) == {"copy", "chat"}
     text = page.read_text()
     assert "| copy |" in text and "fastmode fast" in text and (page.parent / "compare.png").exists()

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="in-process decode speed: fastmode's lanes vs llama.cpp if installed (no server needed)")
     p.add_argument("--threads", type=int, default=0, help="--compare: threads for every contender (0: all cores)")
     p.add_argument("--page", default=None, help="--compare: also write a benchmarks page (markdown) here")
+    p.add_argument("--native-kernels", choices=("on", "off", "both"), default="both",
+                   help="--compare: fastmode on its native quantized kernels (on), on float32 weights (off, the "
+                        "server's default), or both side by side")
 
 
 def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]:
@@ -56,7 +59,8 @@ def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]
     return first - t0, (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0, out
 
 
-def fastmode_contenders(model_name: str, threads: int) -> tuple[dict[str, Generate], Any]:
+def fastmode_contenders(model_name: str, threads: int, native: bool,
+                        suffix: str = "") -> tuple[dict[str, Generate], Any]:
     import torch
 
     from fastmode.config import EngineConfig
@@ -64,7 +68,7 @@ def fastmode_contenders(model_name: str, threads: int) -> tuple[dict[str, Genera
     from fastmode.engine.request import Lane, SamplingParams
     from fastmode.weights.registry import load_model
 
-    loaded = load_model(model_name)
+    loaded = load_model(model_name, native_kernels=native)
     engine = Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384), loaded.tokenizer.eos_ids)
     torch.set_num_threads(threads or torch.get_num_threads())
 
@@ -84,7 +88,7 @@ def fastmode_contenders(model_name: str, threads: int) -> tuple[dict[str, Genera
                     return
         return generate
 
-    return {"fastmode standard": lane(Lane.STANDARD), "fastmode fast": lane(Lane.FAST)}, loaded
+    return {f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}, loaded
 
 
 def llama_cpp_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str, Generate]:
@@ -133,7 +137,13 @@ def run_compare(args: argparse.Namespace) -> int:
     from fastmode.weights.registry import DEFAULT_MODEL, pull
 
     model = args.model or DEFAULT_MODEL
-    contenders, loaded = fastmode_contenders(model, args.threads)
+    contenders: dict[str, Generate] = {}
+    weights: dict[str, Any] = {}  # configuration suffix -> the loaded model
+    for native in {"on": [True], "off": [False], "both": [False, True]}[args.native_kernels]:
+        suffix = " native" if native and args.native_kernels == "both" else ""
+        more, weights[suffix] = fastmode_contenders(model, args.threads, native, suffix)
+        contenders.update(more)
+    loaded = next(iter(weights.values()))
     gguf = pull(model) if model == DEFAULT_MODEL else Path(model)
     if gguf.suffix == ".gguf":
         contenders.update(llama_cpp_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
@@ -155,14 +165,20 @@ def run_compare(args: argparse.Namespace) -> int:
     bar.close()
     bandwidth = read_bandwidth_gbs(args.threads)
     table = summarize(runs, names)
-    same = sum(1 for a in runs if a.contender == "fastmode fast"
-               for b in runs if b.contender == "fastmode standard" and (a.prompt, a.repeat) == (b.prompt, b.repeat)
-               and a.tokens == b.tokens)
-    pairs = sum(1 for a in runs if a.contender == "fastmode fast")
-    std_otps = statistics.median(r.otps for r in runs if r.contender == "fastmode standard")
-    report = {"machine": machine(args.threads), "model": model, "weight_bytes": loaded.weight_bytes,
-              "read_bandwidth_gbs": bandwidth, "decode_bandwidth_gbs": loaded.weight_bytes * std_otps / 1e9,
-              "identical_fast_standard": [same, pairs], "table": table, "runs": [asdict(r) for r in runs]}
+    configs = {}
+    for suffix, lm in weights.items():
+        std, fast = f"fastmode standard{suffix}", f"fastmode fast{suffix}"
+        same = sum(1 for a in runs if a.contender == fast for b in runs
+                   if b.contender == std and (a.prompt, a.repeat) == (b.prompt, b.repeat) and a.tokens == b.tokens)
+        std_otps = statistics.median(r.otps for r in runs if r.contender == std)
+        configs[suffix.strip() or "default"] = {
+            "weights": "native quantized kernels" if lm.model.native else "float32 in torch",
+            "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
+            "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
+            "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
+    report = {"machine": machine(args.threads), "model": model, "repeats": args.repeats,
+              "read_bandwidth_gbs": bandwidth,
+              "configs": configs, "table": table, "runs": [asdict(r) for r in runs]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(report, indent=1))
@@ -205,19 +221,21 @@ def machine(threads: int) -> str:
 
 def markdown(report: dict[str, Any], names: list[str]) -> str:
     table = report["table"]
-    lines = [f"Machine: {report['machine']}. Model: {report['model']}, "
-             f"{report['weight_bytes'] / 1e6:.0f} MB of weights read per decode step.", "",
-             "Output tokens per second (median per category; TTFT in seconds below):", "",
+    lines = [f"Machine: {report['machine']}; memory read bandwidth {report['read_bandwidth_gbs']:.1f} GB/s "
+             f"(measured). Model: {report['model']}. Each prompt {report['repeats']} time(s) per contender.", "",
+             "Output tokens per second (median per category; median TTFT in seconds in the last row):", "",
              "| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for cat, row in table.items():
         lines.append(f"| {cat} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
     lines.append("| TTFT (all) | " + " | ".join(
         f"{statistics.median(r['ttft'] for r in report['runs'] if r['contender'] == n):.2f}" for n in names) + " |")
-    same, pairs = report["identical_fast_standard"]
-    lines += ["", f"Decode bandwidth of the standard lane: {report['decode_bandwidth_gbs']:.1f} GB/s "
-                  f"(weights x median OTPS) against a measured memory read bandwidth of "
-                  f"{report['read_bandwidth_gbs']:.1f} GB/s.",
-              f"Greedy outputs identical between fastmode's fast and standard lanes: {same}/{pairs}."]
+    lines.append("")
+    for label, c in report["configs"].items():
+        same, pairs = c["identical_fast_standard"]
+        ratios = ", ".join(f"{cat} {r:.2f}x" for cat, r in c["fast_over_standard"].items())
+        lines.append(f"- fastmode {label} ({c['weights']}): {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
+                     f"decode step, so the standard lane streams {c['decode_bandwidth_gbs']:.1f} GB/s; fast / "
+                     f"standard: {ratios}; greedy outputs identical between the lanes: {same}/{pairs}.")
     return "\n".join(lines) + "\n"
 
 
@@ -240,9 +258,11 @@ def plot_compare(table: dict[str, dict[str, float]], names: list[str], path: Pat
 
 PAGE_HEAD = """# Benchmarks
 
-Regenerate with `.venv/bin/fastmode bench --compare --repeats 2 --page docs/benchmarks.md`
-(llama.cpp joins when `llama-cpp-python` is installed in the same environment). Every
-contender runs in one process on the same prompt ids (the shipped workload,
-`fastmode/bench/workloads/dev.jsonl`), greedy, in rotating order; numbers are medians.
+Regenerate with `.venv/bin/fastmode bench --compare --page docs/benchmarks.md`: fastmode on
+float32 weights (the server's default) and on its native kernels, each in both lanes, and
+llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in the same
+environment. Every contender runs in one process on the same prompt ids (the shipped workload,
+`fastmode/bench/workloads/dev.jsonl`), greedy, the order rotating from prompt to prompt;
+numbers are medians.
 
 """

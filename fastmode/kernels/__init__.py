@@ -27,9 +27,9 @@ Q4_1, Q8_0 = 3, 8  # ggml type ids the kernel reads
 BLOCK = 32
 BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 # -ffp-contract=off: the compiler must not fuse a*b+c on its own, differently in each code
-# path; the fused multiply-adds the kernels want are written as intrinsics.
-_FLAG_SETS = (["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], ["-O3", "-fopenmp", "-ffp-contract=off"],
-              ["-O3", "-ffp-contract=off"])
+# path; the fused multiply-adds the kernels want are written as intrinsics. Tried in order.
+_COMMON = ["-O3", "-ffp-contract=off", "-Werror=implicit-function-declaration"]
+_FLAG_SETS = ([*_COMMON, "-march=native", "-fopenmp"], [*_COMMON, "-march=native"], [*_COMMON, "-fopenmp"], _COMMON)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -62,25 +62,34 @@ def _compiler() -> str | None:
 
 
 def _build(cc: str) -> Path:
+    """The compiled library for this source, compiler and CPU: the first flag set that builds a
+    library that loads. A cached build of an earlier flag set wins over a later one, and a
+    fallback build does not stop the next start from trying the better flags again."""
     source = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(source + version.encode() + _cpu_signature().encode() + repr(_FLAG_SETS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"qmatmul-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(source + version.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in _FLAG_SETS:
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    for i, flags in enumerate(_FLAG_SETS):
+        target = folder / f"qmatmul-{key}-{hashlib.sha256(repr(flags).encode()).hexdigest()[:8]}.so"
+        if target.exists():
+            return target
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
             out = Path(tmp) / "qmatmul.so"
             cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode == 0:
+                try:
+                    ctypes.CDLL(str(out))  # it must load (no unresolved symbols) before it is cached
+                except OSError as e:
+                    errors.append(f"{' '.join(cmd)}: built but does not load: {e}")
+                    continue
                 os.replace(out, target)  # atomic: concurrent builders each write a whole file
-                log.info("built the quantized matmul kernel (%s)", " ".join(flags))
+                (log.info if i == 0 else log.warning)("built the native kernels (%s)", " ".join(flags))
                 return target
             errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}")
-    raise KernelError("could not compile the quantized matmul kernel:\n" + "\n".join(errors))
+    raise KernelError("could not compile the native kernels:\n" + "\n".join(errors))
 
 
 def load() -> ctypes.CDLL | None:
@@ -144,6 +153,15 @@ def matmul(lib: ctypes.CDLL, wtype: int, weight: torch.Tensor, n: int, k: int, x
     [M, n] float32) the product is added into it (a residual connection) and `out` returned."""
     x = x.contiguous()
     m = x.shape[0]
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != (2 * k if prologue == PRO_SWIGLU else k):
+        raise KernelError(f"matmul: x must be float32 [M, {k}] (or [M, {2 * k}] for SwiGLU), got "
+                          f"{x.dtype} {list(x.shape)}")
+    if weight.dtype != torch.uint8 or not weight.is_contiguous() or weight.numel() != n * (k // BLOCK) * BLOCK_BYTES[wtype]:
+        raise KernelError(f"matmul: weight must be contiguous uint8 blocks of an [{n}, {k}] matrix")
+    if prologue == PRO_RMSNORM and (norm_weight is None or norm_weight.numel() != k or not norm_weight.is_contiguous()):
+        raise KernelError(f"matmul: the RMS-norm prologue needs a contiguous weight of {k} values")
+    if out is not None and (out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous()):
+        raise KernelError(f"matmul: out must be contiguous float32 [{m}, {n}]")
     y = torch.empty(m, n, dtype=torch.float32) if out is None else out
     rc = lib.fm_linear(wtype, weight.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads(),
                        prologue, None if norm_weight is None else norm_weight.data_ptr(), eps, out is not None)
@@ -157,6 +175,14 @@ def rope_store(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, kv_heads: int, h
                k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Rotate qkv's q and k heads in place (rotate-half rope, tables [max_position, head_dim])
     and store the first `num_real` rows' k and v at their cache slots."""
+    ok = (qkv.dtype == torch.float32 and qkv.is_contiguous() and qkv.shape[1] == (heads + 2 * kv_heads) * head_dim
+          and positions.dtype == slots.dtype == torch.int64 and positions.is_contiguous() and slots.is_contiguous()
+          and len(positions) >= qkv.shape[0] and len(slots) >= num_real
+          and (len(positions) == 0 or int(positions.max()) < cos.shape[0])
+          and k_cache.is_contiguous() and v_cache.is_contiguous()
+          and (num_real == 0 or int(slots[:num_real].max()) < k_cache.shape[0]))
+    if not ok:
+        raise KernelError("rope_store: tensors of the wrong type, shape or range")
     rc = lib.fm_rope_store(qkv.data_ptr(), qkv.shape[0], heads, kv_heads, head_dim, cos.data_ptr(),
                            signed_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_real,
                            k_cache.data_ptr(), v_cache.data_ptr())
@@ -174,6 +200,10 @@ def attention_rows(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.
     rows, heads, dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != dim:
         q = q.contiguous()
+    if not (q.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
+            and all(t.dtype == torch.int64 and t.is_contiguous() for t in (slots, offsets, lengths))
+            and len(offsets) >= rows and len(lengths) >= rows):
+        raise KernelError("attention_rows: tensors of the wrong type or layout")
     out = torch.empty(rows, heads, dim, dtype=torch.float32)
     rc = lib.fm_attn_rows(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), slots.data_ptr(),
                           offsets.data_ptr(), lengths.data_ptr(), rows, heads, k.shape[1], dim, scale,

@@ -14,12 +14,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <float.h>
 #include <math.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define FM_AVX2 1
 #endif
 
@@ -86,7 +89,7 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         const float amax = _mm_cvtss_f32(m4);
-        const float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+        const float db = amax / 127.0f >= FLT_MIN ? amax / 127.0f : 0.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
         const __m256 mul = _mm256_set1_ps(id);
         const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
         __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
@@ -106,7 +109,7 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *
 #else
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
-        const float db = amax / 127.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
+        const float db = amax / 127.0f >= FLT_MIN ? amax / 127.0f : 0.0f, id = db > 0.0f ? 1.0f / db : 0.0f;
         int sum = 0;
         for (int j = 0; j < QK; j++) {
             int qi = (int)nearbyintf(v[j] * id);
@@ -128,13 +131,6 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* eight int32x8 partial sums -> one vector of their eight totals, in order (exact) */
-static inline __m256i reduce8(const __m256i *p) {
-    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
-}
-
 static inline __m256i q4_unpack(const uint8_t *qs) {
     __m128i packed = _mm_loadu_si128((const __m128i *)qs);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0F));
@@ -151,8 +147,29 @@ static inline __m256i q8_dot(__m256i qw, const int8_t *xq) { /* int8 x int8: qw'
 }
 #endif
 
-/* The tail blocks of a row (GGUF layout), in one fixed scalar order. */
+/* The tail blocks of a row (GGUF layout), in one fixed order. */
 static float tail_dot(int type, const uint8_t *w, int64_t b0, int64_t nb, const xrow *x) {
+#ifdef FM_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float mins = 0.0f;
+    for (int64_t b = b0; b < nb; b++) {
+        const int8_t *xq = x->q + b * QK;
+        __m256i p;
+        float dw;
+        if (type == FM_Q4_1) {
+            p = q4_dot(q4_unpack(w + 4), xq);
+            dw = half_to_float(rd16(w));
+            mins += half_to_float(rd16(w + 2)) * x->s[b];
+            w += Q4_1_BYTES;
+        } else {
+            p = q8_dot(_mm256_loadu_si256((const __m256i *)(w + 2)), xq);
+            dw = half_to_float(rd16(w));
+            w += Q8_0_BYTES;
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * x->d[b]), _mm256_cvtepi32_ps(p), acc);
+    }
+    return hsum8(acc) + mins;
+#else
     float acc = 0.0f;
     for (int64_t b = b0; b < nb; b++) {
         const int8_t *xq = x->q + b * QK;
@@ -169,6 +186,7 @@ static float tail_dot(int type, const uint8_t *w, int64_t b0, int64_t nb, const 
         }
     }
     return acc;
+#endif
 }
 
 #define R 4 /* x rows sharing one pass over a weight row */
@@ -185,24 +203,26 @@ static inline __attribute__((always_inline)) void dot_rows_n(int type, const uin
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *gw = w + g * gbytes;
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)gw));
-        __m256i p[R][GROUP];
-        if (type == FM_Q4_1) {
-            const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gw + 16)));
-            for (int b = 0; b < GROUP; b++) {
-                const __m256i qw = q4_unpack(gw + 32 + b * 16);
-                for (int r = 0; r < nx; r++) p[r][b] = q4_dot(qw, xs[r].q + (g * GROUP + b) * QK);
-            }
-            for (int r = 0; r < nx; r++)
-                accm[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xs[r].s + g * GROUP), accm[r]);
-        } else {
-            for (int b = 0; b < GROUP; b++) {
-                const __m256i qw = _mm256_loadu_si256((const __m256i *)(gw + 16 + b * QK));
-                for (int r = 0; r < nx; r++) p[r][b] = q8_dot(qw, xs[r].q + (g * GROUP + b) * QK);
-            }
-        }
+        __m256i qw[GROUP]; /* the group's weights, unpacked once for every x row */
+        if (type == FM_Q4_1)
+            for (int b = 0; b < GROUP; b++) qw[b] = q4_unpack(gw + 32 + b * 16);
+        else
+            for (int b = 0; b < GROUP; b++) qw[b] = _mm256_loadu_si256((const __m256i *)(gw + 16 + b * QK));
         for (int r = 0; r < nx; r++) {
+            const int8_t *xq = xs[r].q + g * GROUP * QK;
+            __m256i sums;
+            /* block dots, reduced pairwise as they come (few live registers) */
+#define DOT(b) (type == FM_Q4_1 ? q4_dot(qw[b], xq + (b) * QK) : q8_dot(qw[b], xq + (b) * QK))
+            const __m256i lo = _mm256_hadd_epi32(_mm256_hadd_epi32(DOT(0), DOT(1)), _mm256_hadd_epi32(DOT(2), DOT(3)));
+            const __m256i hi = _mm256_hadd_epi32(_mm256_hadd_epi32(DOT(4), DOT(5)), _mm256_hadd_epi32(DOT(6), DOT(7)));
+#undef DOT
+            sums = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
             const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xs[r].d + g * GROUP));
-            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(reduce8(p[r])), acc[r]);
+            acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(sums), acc[r]);
+            if (type == FM_Q4_1) {
+                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(gw + 16)));
+                accm[r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xs[r].s + g * GROUP), accm[r]);
+            }
         }
     }
     for (int r = 0; r < nx; r++)

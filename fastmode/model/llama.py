@@ -95,7 +95,7 @@ class Attention(nn.Module):
         v = qkv[:, (h + hkv) * d:].view(t, hkv, d)
         n = batch.num_real
         cache.write(self.layer, batch.slot_mapping, k[:n], v[:n])
-        return self.o(self.attend(q, batch, cache, kernels.load()).view(t, h * d))
+        return self.o(self.attend(q, batch, cache, None).view(t, h * d))
 
     def attend(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache, lib: Any) -> torch.Tensor:
         """Attention of rotated queries q [T, heads, head_dim] over the cache (this pass's keys
@@ -193,9 +193,10 @@ class Llama(nn.Module):
         """Run blocks on the native kernels if every block projection is a bias-free QLinear;
         returns whether it does."""
         layers = [m for b in self.blocks for m in (b.attn.qkv, b.attn.o, b.mlp.gate_up, b.mlp.down)]
+        # o and down add into the residual in place, which a bias would spoil (qkv may have one)
         self.native = (kernels.load() is not None and self.arch.head_dim % 8 == 0
                        and all(isinstance(m, QLinear) for m in layers)
-                       and all(m.bias is None for m in layers[1:]))
+                       and all(b.attn.o.bias is None and b.mlp.down.bias is None for b in self.blocks))
         return self.native
 
     @torch.inference_mode()

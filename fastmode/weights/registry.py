@@ -123,7 +123,7 @@ def _build(arch: ModelArch, sd: dict[str, loader.Weight]) -> Llama:
     with torch.device("meta"):
         model = Llama(arch)
     missing, unexpected = model.load_state_dict(floats, strict=False, assign=True)
-    missing = [m for m in missing if m[: -len(".weight")] not in quant
+    missing = [m for m in missing if m.rpartition(".")[0] not in quant  # a quantized layer's weight or bias
                and not (m == "lm_head.weight" and arch.tie_embeddings)]
     if missing or unexpected:
         raise loader.WeightsError(f"weights do not fit the model: missing {missing}, unexpected {unexpected}")
@@ -140,7 +140,7 @@ def _build(arch: ModelArch, sd: dict[str, loader.Weight]) -> Llama:
     return model.eval()
 
 
-def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
+def load_model(name: str, native_kernels: bool = False) -> LoadedModel:
     """Load by name: a packaged model (fetched on first use), tiny-random, a .gguf file or a HF directory.
 
     With `native_kernels` (and a C compiler), a GGUF's Q4_0/Q4_1/Q8_0 matrices stay quantized
