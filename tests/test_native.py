@@ -39,17 +39,20 @@ def test_quantized_matmul_matches_the_dequantized_weights(lib, kind):
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_every_row_is_bit_identical_in_any_batch_and_with_any_thread_count(lib, kind):
-    wtype, raw, _ = blocks(kind, 200, 576, seed=1)  # 200: not a multiple of the 16-column tiles
+@pytest.mark.parametrize("n", [200, 100])  # 200: rows 8 at a time (not a multiple of the tiles); 100: per row
+def test_every_row_is_bit_identical_in_any_batch_and_with_any_thread_count(lib, kind, n):
+    wtype, raw, exact = blocks(kind, n, 576, seed=1)
     x = torch.randn(13, 576)
-    full = kernels.matmul(lib, wtype, raw, 200, 576, x)
+    full = kernels.matmul(lib, wtype, raw, n, 576, x)
+    ref = F.linear(x, exact)
+    assert ((full - ref).norm() / ref.norm()).item() < 0.02
     for m in range(1, 13):  # rows in fours and one at a time
-        assert torch.equal(kernels.matmul(lib, wtype, raw, 200, 576, x[:m]), full[:m]), m
-        assert torch.equal(kernels.matmul(lib, wtype, raw, 200, 576, x[m:m + 1]), full[m:m + 1]), m
+        assert torch.equal(kernels.matmul(lib, wtype, raw, n, 576, x[:m]), full[:m]), m
+        assert torch.equal(kernels.matmul(lib, wtype, raw, n, 576, x[m:m + 1]), full[m:m + 1]), m
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert torch.equal(kernels.matmul(lib, wtype, raw, 200, 576, x), full)
+        assert torch.equal(kernels.matmul(lib, wtype, raw, n, 576, x), full)
     finally:
         torch.set_num_threads(threads)
 

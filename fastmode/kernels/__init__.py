@@ -115,7 +115,8 @@ def load() -> ctypes.CDLL | None:
         lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr]
         lib.fm_attn_rows.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
                                      ctypes.c_int]
-        lib.fm_has_avx2.restype = ctypes.c_int
+        lib.fm_has_avx2.restype = lib.fm_row_interleaved.restype = ctypes.c_int
+        lib.fm_row_interleaved.argtypes = [i64]
         _lib = lib
         return lib
 
@@ -125,12 +126,26 @@ GROUP = 8  # blocks whose scales the kernel reads together
 
 
 def pack(wtype: int, blocks: torch.Tensor) -> torch.Tensor:
-    """GGUF blocks [rows, row bytes] -> the kernel's layout (same bytes, same size): per row,
-    groups of 8 blocks with their f16 scales (and Q4_1 minimums) first, then the values; the
-    last row-blocks % 8 blocks stay as they are."""
+    """GGUF blocks [rows, row bytes] -> the kernel's layout (same bytes, same size).
+
+    Where the kernel reads rows 8 at a time (AVX2 builds, rows % 8 == 0): per 8 rows and block,
+    their 8 f16 scales d, (Q4_1) 8 minimums m, then the values in 4-byte chunks, chunk-major
+    (see qmatmul.c). Otherwise, per row: groups of 8 blocks with their scales (and minimums)
+    first, then the values; the last row-blocks % 8 blocks stay as they are."""
     size = BLOCK_BYTES[wtype]
     rows = blocks.shape[0]
     nb = blocks.shape[1] // size
+    lib = load()
+    if lib is not None and lib.fm_row_interleaved(rows):
+        b = blocks.reshape(rows // GROUP, GROUP, nb, size).transpose(1, 2)  # [row groups, block, row, bytes]
+        header = 4 if wtype == Q4_1 else 2
+        chunks = (size - header) // 4
+        parts = [b[..., 0:2].reshape(rows // GROUP, nb, GROUP * 2)]
+        if wtype == Q4_1:
+            parts.append(b[..., 2:4].reshape(rows // GROUP, nb, GROUP * 2))
+        values = b[..., header:].reshape(rows // GROUP, nb, GROUP, chunks, 4).transpose(2, 3)
+        parts.append(values.reshape(rows // GROUP, nb, GROUP * (size - header)))
+        return torch.cat(parts, dim=-1).reshape(rows, nb * size).contiguous()
     g = nb // GROUP
     b = blocks.reshape(rows, nb, size)
     head = b[:, :g * GROUP].reshape(rows, g, GROUP, size)

@@ -253,6 +253,83 @@ static inline __attribute__((always_inline)) void dot_rows_n(int type, const uin
 #endif
 }
 
+#ifdef FM_AVX2
+/* Row-interleaved layout ("R8", used when N % 8 == 0 on AVX2 builds): 8 weight rows' blocks
+ * are stored together, per block index b: 8 f16 d, (Q4_1) 8 f16 m, then the values in 4-byte
+ * chunks, chunk-major then row: Q4_1 chunk c (c < 4) holds bytes 4c..4c+3 of each row's 16
+ * nibble bytes (values 4c..4c+3 low, 16+4c..16+4c+3 high); Q8_0 chunk c (c < 8) holds values
+ * 4c..4c+3 of each row. Then lane j of every vector belongs to output row j: no horizontal
+ * sums, and each output's operations do not depend on M or on the other rows. */
+static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xq, const float *xd,
+                     const float *xs, float *dst, int64_t N, int64_t n0) {
+    const int64_t bbytes = GROUP * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+    const __m256i lo = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    for (int64_t m0 = 0; m0 < M; m0 += R) {
+        const int nx = M - m0 < R ? (int)(M - m0) : R;
+        __m256 acc[R], accm[R];
+        for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); accm[r] = _mm256_setzero_ps(); }
+        const uint8_t *wb = w;
+        for (int64_t b = 0; b < nb; b++, wb += bbytes) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)wb));
+            if (type == FM_Q4_1) {
+                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wb + 16)));
+                __m256i vl[4], vh[4];
+                for (int c = 0; c < 4; c++) {
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)(wb + 32 + 32 * c));
+                    vl[c] = _mm256_and_si256(v, lo);
+                    vh[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo);
+                }
+                for (int r = 0; r < nx; r++) {
+                    const int64_t row = m0 + r;
+                    const int8_t *xb = xq + (row * nb + b) * QK;
+                    __m256i s16 = _mm256_setzero_si256(); /* at most 8 x 3810: fits int16 */
+                    for (int c = 0; c < 4; c++) {
+                        int32_t a, h;
+                        memcpy(&a, xb + 4 * c, 4);
+                        memcpy(&h, xb + 16 + 4 * c, 4);
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(vl[c], _mm256_set1_epi32(a)));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(vh[c], _mm256_set1_epi32(h)));
+                    }
+                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xd[row * nb + b]));
+                    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), acc[r]);
+                    accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[row * nb + b]), accm[r]);
+                }
+            } else {
+                __m256i v[8];
+                for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_si256((const __m256i *)(wb + 16 + 32 * c));
+                for (int r = 0; r < nx; r++) {
+                    const int64_t row = m0 + r;
+                    const int8_t *xb = xq + (row * nb + b) * QK;
+                    __m256i s32 = _mm256_setzero_si256();
+                    for (int c = 0; c < 8; c++) {
+                        int32_t a;
+                        memcpy(&a, xb + 4 * c, 4);
+                        const __m256i xv = _mm256_set1_epi32(a);
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(_mm256_sign_epi8(v[c], v[c]), _mm256_sign_epi8(xv, v[c])), ones));
+                    }
+                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xd[row * nb + b]));
+                    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s32), acc[r]);
+                }
+            }
+        }
+        for (int r = 0; r < nx; r++)
+            _mm256_storeu_ps(dst + (m0 + r) * N + n0,
+                             type == FM_Q4_1 ? _mm256_add_ps(acc[r], accm[r]) : acc[r]);
+    }
+}
+#endif
+
+/* 1 if weights of N rows are in the row-interleaved layout (fastmode.kernels.pack agrees) */
+int fm_row_interleaved(int64_t N) {
+#ifdef FM_AVX2
+    return N % GROUP == 0;
+#else
+    (void)N;
+    return 0;
+#endif
+}
+
 /* nx as a constant in each copy: the compiler keeps the partial sums in registers */
 static void dot_rows(int type, const uint8_t *w, int64_t nb, const xrow *xs, int nx, float *out) {
     if (nx == R) dot_rows_n(type, w, nb, xs, R, out);
@@ -335,6 +412,13 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     for (int64_t t = 0; t < ntiles; t++) {
         const int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
         int64_t m = 0;
+#ifdef FM_AVX2
+        if (fm_row_interleaved(N)) {
+            for (int64_t g0 = n0; g0 < n1; g0 += GROUP)
+                r8_group(type, w + g0 * row_bytes, nb, M, xq, xd, xs, dst, N, g0);
+            m = M; /* done */
+        }
+#endif
         for (; m < M; m += (M - m >= R ? R : 1)) {
             const int nx = M - m >= R ? R : 1;
             xrow xr[R];
