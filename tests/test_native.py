@@ -129,6 +129,11 @@ def test_rope_store_rotates_in_place_and_writes_the_cache(lib):
         assert torch.equal(vc[slot], before[row, (heads + kv_heads) * dim:].view(kv_heads, dim))
     untouched = [s for s in range(12) if s not in slots.tolist()]
     assert kc[untouched].abs().sum() == 0 and vc[untouched].abs().sum() == 0  # nothing else, padding row included
+    stored, rotated = kc.clone(), qkv.clone()
+    for bad_pos, bad_slots in ((torch.tensor([3, 9, 64, 11, 0]), slots), (positions, torch.tensor([7, 2, 12, 1]))):
+        with pytest.raises(kernels.KernelError, match="out of range"):
+            kernels.rope_store(lib, qkv, heads, kv_heads, dim, rope.cos, rope.signed_sin, bad_pos, bad_slots, 4, kc, vc)
+    assert torch.equal(kc, stored) and torch.equal(qkv, rotated)  # a refused call writes nothing
 
 
 def test_decode_attention_from_the_paged_cache(lib):

@@ -157,6 +157,6 @@ def _decode_rows(segments: list[Segment], total: int) -> DecodeRows:
         lengths += range(seg.start_pos + 1, seg.start_pos + seg.num_rows + 1)
         at += len(seg.kv_slots)
     pad = total - len(offsets)
-    return DecodeRows(total, torch.cat([seg.kv_slots for seg in segments]),
+    return DecodeRows(torch.cat([seg.kv_slots for seg in segments]),
                       torch.tensor(offsets + [0] * pad, dtype=torch.long),
                       torch.tensor(lengths + [1] * pad, dtype=torch.long))

@@ -112,7 +112,7 @@ def load() -> ctypes.CDLL | None:
         lib.fm_linear.restype = lib.fm_rope_store.restype = lib.fm_attn_rows.restype = ctypes.c_int
         lib.fm_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
                                   ctypes.c_float, ctypes.c_int]
-        lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+        lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64]
         lib.fm_attn_rows.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
                                      ctypes.c_int]
         lib.fm_has_avx2.restype = lib.fm_row_interleaved.restype = ctypes.c_int
@@ -135,10 +135,10 @@ def pack(wtype: int, blocks: torch.Tensor) -> torch.Tensor:
     size = BLOCK_BYTES[wtype]
     rows = blocks.shape[0]
     nb = blocks.shape[1] // size
+    header = 4 if wtype == Q4_1 else 2  # f16 d (and m) before the values
     lib = load()
     if lib is not None and lib.fm_row_interleaved(rows):
         b = blocks.reshape(rows // GROUP, GROUP, nb, size).transpose(1, 2)  # [row groups, block, row, bytes]
-        header = 4 if wtype == Q4_1 else 2
         chunks = (size - header) // 4
         parts = [b[..., 0:2].reshape(rows // GROUP, nb, GROUP * 2)]
         if wtype == Q4_1:
@@ -149,7 +149,6 @@ def pack(wtype: int, blocks: torch.Tensor) -> torch.Tensor:
     g = nb // GROUP
     b = blocks.reshape(rows, nb, size)
     head = b[:, :g * GROUP].reshape(rows, g, GROUP, size)
-    header = 4 if wtype == Q4_1 else 2
     parts = [head[..., 0:2].reshape(rows, g, GROUP * 2)]  # 8 scales d
     if wtype == Q4_1:
         parts.append(head[..., 2:4].reshape(rows, g, GROUP * 2))  # 8 minimums m
@@ -193,16 +192,15 @@ def rope_store(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, kv_heads: int, h
     ok = (qkv.dtype == torch.float32 and qkv.is_contiguous() and qkv.shape[1] == (heads + 2 * kv_heads) * head_dim
           and positions.dtype == slots.dtype == torch.int64 and positions.is_contiguous() and slots.is_contiguous()
           and len(positions) >= qkv.shape[0] and len(slots) >= num_real
-          and (len(positions) == 0 or int(positions.max()) < cos.shape[0])
-          and k_cache.is_contiguous() and v_cache.is_contiguous()
-          and (num_real == 0 or int(slots[:num_real].max()) < k_cache.shape[0]))
+          and cos.is_contiguous() and signed_sin.shape == cos.shape and signed_sin.is_contiguous()
+          and k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape)
     if not ok:
-        raise KernelError("rope_store: tensors of the wrong type, shape or range")
+        raise KernelError("rope_store: tensors of the wrong type or shape")
     rc = lib.fm_rope_store(qkv.data_ptr(), qkv.shape[0], heads, kv_heads, head_dim, cos.data_ptr(),
-                           signed_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_real,
-                           k_cache.data_ptr(), v_cache.data_ptr())
+                           signed_sin.data_ptr(), cos.shape[0], positions.data_ptr(), slots.data_ptr(), num_real,
+                           k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0])
     if rc != 0:
-        raise KernelError(f"fm_rope_store failed ({rc})")
+        raise KernelError(f"fm_rope_store failed ({rc}): a position or cache slot out of range")
 
 
 def attention_rows(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,

@@ -42,11 +42,11 @@ typedef struct {
     const float *s;  /* [nb] */
 } xrow;
 
-/* Weights are repacked at load (fastmode.kernels.pack) so that 8 blocks' scales sit together:
- * a row is nb / 8 groups, then nb % 8 blocks as the GGUF has them.
+/* Weights are repacked at load (fastmode.kernels.pack): the same bytes as the GGUF blocks, in
+ * one of two orders. Matrices with N % 8 == 0 on AVX2 builds are row-interleaved (see r8_group).
+ * Otherwise a row is nb / 8 groups, then nb % 8 blocks as the GGUF has them:
  *   Q4_1 group (160 bytes): 8 f16 d, 8 f16 m, 8 x 16 bytes of nibbles (low nibbles: values 0..15)
- *   Q8_0 group (272 bytes): 8 f16 d, 8 x 32 int8
- * The same bytes as the GGUF blocks, in another order. */
+ *   Q8_0 group (272 bytes): 8 f16 d, 8 x 32 int8 */
 #define GROUP 8
 
 static inline float half_to_float(uint16_t h) {
@@ -443,20 +443,19 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     return 0;
 }
 
-int fm_matmul(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
-              int nthreads) {
-    return fm_linear(type, w, N, K, x, M, y, nthreads, PRO_NONE, NULL, 0.0f, 0);
-}
-
 /* Rotary embedding and the KV cache write for one layer, in place on the qkv projection.
  * qkv: [T, (heads + 2 kv_heads) * head_dim] rows (q heads, k heads, v heads); the q and k heads
  * of row t are rotated at positions[t] (rotate-half layout: x * cos + swap_halves(x) * ssin,
  * cos and ssin tables [max_position, head_dim]); rows t < num_real then store their k and v at
- * cache slot slots[t] of kc, vc ([slots, kv_heads, head_dim]). */
+ * cache slot slots[t] of kc, vc ([num_slots, kv_heads, head_dim]). Returns -1, writing
+ * nothing, for a position or slot out of range. */
 int fm_rope_store(float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                  const float *cos, const float *ssin, const int64_t *positions, const int64_t *slots,
-                  int64_t num_real, float *kc, float *vc) {
+                  const float *cos, const float *ssin, int64_t max_position, const int64_t *positions,
+                  const int64_t *slots, int64_t num_real, float *kc, float *vc, int64_t num_slots) {
     if (head_dim % 2 != 0) return -1;
+    for (int64_t t = 0; t < T; t++)
+        if (positions[t] < 0 || positions[t] >= max_position || (t < num_real && (slots[t] < 0 || slots[t] >= num_slots)))
+            return -1;
     const int64_t width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
     const int64_t kv_width = kv_heads * head_dim;
     float tmp[1024];

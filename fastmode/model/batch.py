@@ -28,10 +28,9 @@ class DecodeRows:
     """A pass whose rows all decode (or verify drafts), for the native attention kernel:
     row r attends to `lengths[r]` keys whose cache slots start at `slots[offsets[r]]`."""
 
-    all_rows: int  # rows in the pass, padding included (padding rows attend to one key)
     slots: torch.Tensor  # int64, every segment's kv_slots back to back
-    offsets: torch.Tensor  # [all_rows] int64
-    lengths: torch.Tensor  # [all_rows] int64
+    offsets: torch.Tensor  # [rows in the pass] int64 (padding rows attend to one key)
+    lengths: torch.Tensor  # [rows in the pass] int64
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
