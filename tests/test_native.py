@@ -153,6 +153,30 @@ def test_decode_attention_from_the_paged_cache(lib):
         assert torch.equal(alone[0], out[r])  # a row's result does not depend on the other rows
 
 
+@pytest.mark.parametrize("dim", [8, 64, 136])  # one vector; the register block; a block and a part
+def test_attention_over_any_number_of_keys_and_threads(lib, dim):
+    """Key counts around the kernel's 8-key steps, long rows split over threads, large scores."""
+    heads, kv_heads, n_keys = 6, 3, 300
+    k, v = torch.randn(n_keys, kv_heads, dim) * 3, torch.randn(n_keys, kv_heads, dim)
+    slots = torch.randperm(n_keys)
+    lengths = torch.tensor([1, 7, 8, 9, 16, 17, 300, 250])
+    q = torch.randn(len(lengths), heads, dim) * 3
+    offsets = torch.zeros(len(lengths), dtype=torch.long)
+    outs, threads_before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(kernels.attention_rows(lib, q, k, v, slots, offsets, lengths, dim ** -0.5))
+    finally:
+        torch.set_num_threads(threads_before)
+    assert torch.equal(outs[0], outs[1])
+    for r, n in enumerate(lengths.tolist()):
+        keys = k[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)
+        vals = v[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)
+        p = torch.softmax((q[r].unsqueeze(1) @ keys.transpose(1, 2)).double() * dim ** -0.5, -1).float()
+        assert torch.allclose(outs[0][r], (p @ vals).squeeze(1), atol=2e-5, rtol=1e-4)
+
+
 # ---- the engine on a Q4_1 model: the engine's lane tests, on the native kernels ---------
 
 def test_native_lanes_give_identical_greedy_tokens(make_q4_engine):
@@ -176,6 +200,39 @@ def test_native_verification_needs_no_padding(make_q4_engine):
     assert engine.runner.sizes == [] and engine.runner.padded(3) == 3  # nothing to pad for
     verified, sequential = test_engine._verify_vs_sequential(engine, test_engine.prompts(1, seed=6)[0][:30])
     assert torch.equal(verified, sequential)
+
+
+def test_one_call_blocks_equal_the_layer_by_layer_path(make_q4_engine):
+    """A pass without prefill rows runs every block in one native call (fm_blocks); it calls
+    the same kernels in the same order as the layer-by-layer path, so logits are bit-identical."""
+    engine = make_q4_engine()
+    model = engine.model
+    prompt = test_engine.prompts(1, seed=13)[0][:30]
+    one_call, sequential = test_engine._verify_vs_sequential(engine, prompt)
+    assert torch.equal(one_call, sequential)
+    table = model._table
+    try:
+        model._table = None  # the layer-by-layer path
+        layered, _ = test_engine._verify_vs_sequential(make_q4_engine(), prompt)
+    finally:
+        model._table = table
+    assert torch.equal(one_call, layered)
+
+
+def test_one_call_blocks_refuse_key_slots_out_of_range(make_q4_engine):
+    engine = make_q4_engine()
+    model, cache = engine.model, engine.cache
+    lib = kernels.load()
+    x = torch.randn(2, model.arch.hidden_size)
+    model._dims[6] = cache.k.shape[1]
+    before, k_before = x.clone(), cache.k.clone()
+    one = torch.ones(2, dtype=torch.long)
+    for kv_slots, lengths in ((torch.tensor([0, cache.k.shape[1]]), one), (torch.tensor([0, 1]), one * 3)):
+        with pytest.raises(kernels.KernelError, match="out of range"):
+            kernels.blocks(lib, model._table, model._dims, 1e-5, 0.125, x, model.rope.cos, model.rope.signed_sin,
+                           torch.tensor([0, 1]), torch.tensor([0, 1]), 2, cache.k, cache.v, kv_slots,
+                           torch.zeros(2, dtype=torch.long), lengths)
+    assert torch.equal(x, before) and torch.equal(cache.k, k_before)  # nothing written
 
 
 def test_native_model_stays_close_to_its_float_twin(tiny_q4, make_q4_engine):

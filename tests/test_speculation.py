@@ -24,10 +24,38 @@ def test_draft_length_follows_acceptance_and_cost():
     flat = lambda rows: 1.0  # verification is free up to the padded size
     steep = lambda rows: float(rows)  # every extra row costs a full step
     p = DraftLengthPolicy(max_draft=7, prior_acceptance=0.9)
-    assert p.choose("a", 1, flat, limit=100) == 7
-    assert p.choose("a", 1, flat, limit=3) == 3
-    assert p.choose("a", 1, steep, limit=100) == 0
+    assert p.choose("a", 2, 1, flat, limit=100) == 7
+    assert p.choose("a", 2, 1, flat, limit=3) == 3
+    assert p.choose("a", 2, 1, steep, limit=100) == 0
+    assert p.choose("a", 0, 1, flat, limit=100) == 0  # no match, nothing to draft
     for _ in range(20):
-        p.observe("b", 7, 0)
-    assert p.acceptance["b"] < 0.05
-    assert p.choose("b", 1, lambda rows: 1.0 + 0.1 * rows, limit=100) == 0
+        p.observe("b", 2, [1, 2, 3], [9, 9])  # the first proposed token is always wrong
+    assert p.rate("b", 2) < 0.05
+    assert p.choose("b", 2, 1, lambda rows: 1.0 + 0.1 * rows, limit=100) == 0
+    assert p.rate("b", 4) > 0.5  # a different match length keeps its own estimate
+
+
+def test_acceptance_is_learned_from_proposals_that_were_not_drafted():
+    """A request that stopped drafting keeps comparing proposals with what the model produced,
+    and drafts again once they would be accepted."""
+    cost = lambda rows: 1.0 + 0.3 * (rows - 1)
+    p = DraftLengthPolicy(max_draft=7, prior_acceptance=0.5)
+    for _ in range(10):
+        p.observe("r", 3, [5, 6], [7])
+    assert p.choose("r", 3, 1, cost, limit=7) == 0
+    for _ in range(10):  # k = 0: only the verifier's token is compared, and it matches
+        p.observe("r", 3, [5, 6, 7], [5])
+    assert p.choose("r", 3, 1, cost, limit=7) > 0
+    # a long run of matches counts every matched position, up to the first miss
+    p.observe("s", 1, [1, 2, 3, 4], [1, 2, 3, 0, 8])
+    assert 0.5 < p.rate("s", 1) < 1.0
+
+
+def test_new_requests_start_from_the_lane_wide_rate():
+    p = DraftLengthPolicy(max_draft=7, prior_acceptance=0.5)
+    for i in range(50):
+        p.observe(f"old{i}", 4, [1, 2, 3, 4], [1, 2, 3, 4])
+    assert p.rate("new", 4) > 0.7
+    assert p.rate("new", 1) == 0.5
+    p.forget("old0")
+    assert ("old0", 4) not in p.acceptance

@@ -57,6 +57,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.blocks, self.prefix)
         self.policy = DraftLengthPolicy(config.max_draft)
         self.lookups: dict[str, PromptLookup] = {}
+        self.proposals: dict[str, tuple[int, list[int]]] = {}  # request -> (match length, proposal) this step
         self.generators: dict[str, torch.Generator] = {}
         self.requests: dict[str, Request] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
@@ -199,8 +200,12 @@ class Engine:
             if r.in_prefill:
                 continue
             room = r.token_budget - r.num_tokens - 1  # drafts + the verifier's token fit the budget
-            k = self.policy.choose(r.request_id, rows, self.runner.step_time, room)
-            item.drafts = self.lookups[r.request_id].propose(k)
+            lookup = self.lookups[r.request_id]
+            proposal = lookup.propose(self.config.max_draft)
+            k = self.policy.choose(r.request_id, lookup.last_match, rows, self.runner.step_time,
+                                   min(room, len(proposal)))
+            item.drafts = proposal[:k]
+            self.proposals[r.request_id] = (lookup.last_match, proposal)
             rows += len(item.drafts)
 
     def _update(self, item: Scheduled, logits: torch.Tensor) -> None:
@@ -219,7 +224,6 @@ class Engine:
         if item.drafts:
             new = verify(logits, item.drafts, r.params, gen)
             accepted = len(new) - 1
-            self.policy.observe(r.request_id, len(item.drafts), accepted)
             self.stats["drafted"] += len(item.drafts)
             self.stats["accepted"] += accepted
             r.num_computed_tokens += accepted
@@ -227,6 +231,8 @@ class Engine:
             new = [int(logits[-1].argmax())]
         else:
             new = [int(torch.multinomial(probabilities(logits[-1:], r.params)[0], 1, generator=gen))]
+        if (proposed := self.proposals.pop(r.request_id, None)) is not None:
+            self.policy.observe(r.request_id, proposed[0], proposed[1], new)
         status = Status.RUNNING
         for i, tok in enumerate(new):
             if tok in self.eos:
@@ -252,6 +258,7 @@ class Engine:
         self.scheduler.finish(r, status)
         self.requests.pop(r.request_id, None)
         self.lookups.pop(r.request_id, None)
+        self.proposals.pop(r.request_id, None)
         self.prefix.forget(r.request_id)
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)

@@ -15,6 +15,7 @@ class PromptLookup:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.ids: list[int] = []
         self.next_pos: dict[int, dict[tuple[int, ...], int]] = defaultdict(dict)
+        self.last_match = 0  # the n-gram length behind the latest proposal (0: none)
 
     def extend(self, new_ids: list[int]) -> None:
         for tok in new_ids:
@@ -26,12 +27,15 @@ class PromptLookup:
             self.ids.append(tok)
 
     def propose(self, k: int) -> list[int]:
+        """Up to k tokens continuing the longest suffix seen before; `last_match` says how long."""
+        self.last_match = 0
         if k <= 0:
             return []
         total = len(self.ids)
         for n in range(min(self.max_ngram, total), self.min_ngram - 1, -1):
             pos = self.next_pos[n].get(tuple(self.ids[total - n:]))
             if pos is not None:
+                self.last_match = n
                 return self.ids[pos:pos + k]
         return []
 
@@ -41,27 +45,50 @@ class DraftLengthPolicy:
 
     With per-token acceptance rate a, a k-token draft yields E(k) = 1 + a + ... + a^k tokens
     (accepted drafts plus the verifier's own token); the step costs step_time(rows + k).
-    Acceptance and step times are running averages of what was actually measured.
+    Acceptance is learned per request and per match length (a proposal continuing a 4-gram is
+    more often right than one continuing a single token), from every proposal, drafted or not:
+    after a step the tokens the model produced show how many of the proposal's tokens would
+    have been accepted, so a request that stopped drafting still sees when drafting would pay
+    again. New requests start from the lane-wide rate for the match length. Step times are
+    running averages of what was measured.
     """
 
-    def __init__(self, max_draft: int, prior_acceptance: float = 0.6, decay: float = 0.8) -> None:
+    def __init__(self, max_draft: int, prior_acceptance: float = 0.5, decay: float = 0.8,
+                 shared_decay: float = 0.97) -> None:
         self.max_draft = max_draft
         self.prior = prior_acceptance
-        self.decay = decay
-        self.acceptance: dict[str, float] = {}
+        self.decay, self.shared_decay = decay, shared_decay
+        self.acceptance: dict[tuple[str, int], float] = {}  # (request, match length) -> rate
+        self.shared: dict[int, float] = {}  # match length -> rate over all requests
 
-    def observe(self, request_id: str, proposed: int, accepted: int) -> None:
-        if proposed <= 0:
+    def rate(self, request_id: str, match: int) -> float:
+        return self.acceptance.get((request_id, match), self.shared.get(match, self.prior))
+
+    def observe(self, request_id: str, match: int, proposal: list[int], produced: list[int]) -> None:
+        """Compare a proposal (drafted or not) with the tokens the model then produced: each
+        position up to the first mismatch is one observation of the conditional acceptance."""
+        if match <= 0 or not proposal:
             return
-        rate = accepted / proposed
-        old = self.acceptance.get(request_id, self.prior)
-        self.acceptance[request_id] = self.decay * old + (1 - self.decay) * rate
+        a = self.rate(request_id, match)
+        shared = self.shared.get(match, self.prior)
+        for want, got in zip(proposal, produced):
+            hit = 1.0 if want == got else 0.0
+            a = self.decay * a + (1 - self.decay) * hit
+            shared = self.shared_decay * shared + (1 - self.shared_decay) * hit
+            if not hit:
+                break
+        self.acceptance[(request_id, match)] = a
+        self.shared[match] = shared
 
     def forget(self, request_id: str) -> None:
-        self.acceptance.pop(request_id, None)
+        for key in [k for k in self.acceptance if k[0] == request_id]:
+            del self.acceptance[key]
 
-    def choose(self, request_id: str, base_rows: int, step_time: "callable[[int], float]", limit: int) -> int:
-        a = min(self.acceptance.get(request_id, self.prior), 0.99)
+    def choose(self, request_id: str, match: int, base_rows: int, step_time: "callable[[int], float]",
+               limit: int) -> int:
+        if match <= 0 or limit <= 0:
+            return 0
+        a = min(self.rate(request_id, match), 0.99)
         best_k, best_rate = 0, 1.0 / step_time(base_rows)
         expected = 1.0
         for k in range(1, min(self.max_draft, limit) + 1):

@@ -115,6 +115,9 @@ def load() -> ctypes.CDLL | None:
         lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64]
         lib.fm_attn_rows.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
                                      ctypes.c_int]
+        lib.fm_blocks.restype = ctypes.c_int
+        lib.fm_blocks.argtypes = [ptr, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64, ptr, ptr, ptr, ptr, i64,
+                                  ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
         lib.fm_has_avx2.restype = lib.fm_row_interleaved.restype = ctypes.c_int
         lib.fm_row_interleaved.argtypes = [i64]
         _lib = lib
@@ -224,3 +227,48 @@ def attention_rows(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.
     if rc != 0:
         raise KernelError(f"fm_attn_rows failed ({rc})")
     return out
+
+
+LAYER_FIELDS = 11  # per layer in `blocks`' table (the FM_* fields of fm_blocks in qmatmul.c)
+
+
+def layer_table(layers: list[dict[str, torch.Tensor | int | None]]) -> torch.Tensor:
+    """The int64 table `blocks` reads: per layer the packed qkv, o, gate_up and down weights,
+    their types, the two norm weights and the qkv bias (None: no bias). The tensors must stay
+    alive and in place while the table is used (the table holds their addresses)."""
+    rows = []
+    for layer in layers:
+        tensors = [layer[k] for k in ("qkv", "o", "gate_up", "down", "attn_norm", "mlp_norm")]
+        bias = layer["qkv_bias"]
+        for t in [*tensors, *([bias] if bias is not None else [])]:
+            if not (isinstance(t, torch.Tensor) and t.is_contiguous()):
+                raise KernelError("layer_table: every weight must be a contiguous tensor")
+        ptrs = [t.data_ptr() for t in tensors]  # type: ignore[union-attr]
+        rows.append([*ptrs[:4], *(int(layer[k]) for k in ("qkv_type", "o_type", "gate_up_type", "down_type")),  # type: ignore[arg-type]
+                     ptrs[4], ptrs[5], 0 if bias is None else bias.data_ptr()])  # type: ignore[union-attr]
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def blocks(lib: ctypes.CDLL, table: torch.Tensor, dims: torch.Tensor, eps: float, scale: float, x: torch.Tensor,
+           cos: torch.Tensor, signed_sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, num_real: int,
+           k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor, offsets: torch.Tensor,
+           lengths: torch.Tensor) -> None:
+    """Every transformer block of one pass in one call (fm_blocks), x [T, hidden] updated in place.
+
+    `table` from `layer_table`; `dims` int64 [hidden, heads, kv_heads, head_dim, intermediate,
+    max_position, num_slots]; caches [layers, num_slots, kv_heads, head_dim]; row t's K/V go to
+    slots[t] (t < num_real) and it attends to lengths[t] keys at kv_slots[offsets[t]:]."""
+    t = x.shape[0]
+    longs = (positions, slots, kv_slots, offsets, lengths)
+    if not (x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == int(dims[0])
+            and all(a.dtype == torch.int64 and a.is_contiguous() for a in longs)
+            and len(positions) >= t and len(offsets) >= t and len(lengths) >= t and len(slots) >= num_real
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+            and k_cache.shape[0] == table.shape[0] and k_cache.shape[1] == int(dims[6])):
+        raise KernelError("blocks: tensors of the wrong type or shape")
+    rc = lib.fm_blocks(table.data_ptr(), table.shape[0], dims.data_ptr(), eps, scale, x.data_ptr(), t,
+                       cos.data_ptr(), signed_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_real,
+                       k_cache.data_ptr(), v_cache.data_ptr(), kv_slots.data_ptr(), len(kv_slots),
+                       offsets.data_ptr(), lengths.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise KernelError(f"fm_blocks failed ({rc})" + (": a position or cache slot out of range" if rc == -1 else ""))

@@ -28,7 +28,7 @@
 
 #define QK 32
 #define PARALLEL_MIN_BLOCKS 8192 /* weight-block dot products below which a matmul stays serial */
-#define PARALLEL_MIN_ATTN 65536  /* query-key products below which attention stays serial */
+#define PARALLEL_MIN_ATTN 131072 /* multiply-adds below which attention stays serial */
 #define Q4_1_BYTES 20 /* f16 d, f16 m, 16 bytes of nibbles */
 #define Q8_0_BYTES 34 /* f16 d, 32 int8 */
 
@@ -479,64 +479,213 @@ int fm_rope_store(float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_
     return 0;
 }
 
-/* Decode attention over the paged KV cache, one query row at a time.
- * q: rows `q_stride` floats apart, each [heads, head_dim] (head_dim a multiple of 8); k, v: one layer's cache [slots, kv_heads, head_dim];
- * slots: the cache slot of each key position, [total]; row r attends to positions
- * [0, lengths[r]) whose slots start at slots + offsets[r]; out: [rows, heads, head_dim].
- * Each (row, head) is computed by the same operations whatever else is in the batch. */
+#ifdef FM_AVX2
+/* e^x for x <= 0 (softmax after subtracting the maximum), 8 at a time: x = n ln2 + r with
+ * |r| <= ln2/2, e^r by its Taylor polynomial to degree 7 (relative error < 2e-8 before
+ * rounding), scaled by 2^n through the exponent bits; below -87 the result is 0. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* The 8 sums of a[0..7]'s lanes, as one vector (lane i: the sum of a[i]); one fixed tree. */
+static inline __m256 hsum8x8(const __m256 *a) {
+    const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+/* One query head over n keys at cache slots sl[0..n) (k, v rows `stride` floats apart, this
+ * head's part at offset `off`); p: n floats of scratch; o: head_dim outputs. The operations
+ * depend only on this query, its keys and n. */
+static void attend_head(const float *qh, const float *k, const float *v, const int64_t *sl, int64_t n,
+                        int64_t stride, int64_t off, int64_t head_dim, float scale, float *p, float *o) {
+#ifdef FM_AVX2
+    /* scores, 8 keys at a time (missing keys of the last 8 are zero vectors, never read) */
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        const int nk = n - i0 < 8 ? (int)(n - i0) : 8;
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int j = 0; j < nk; j++) {
+            const float *kh = k + sl[i0 + j] * stride + off;
+            for (int64_t e = 0; e < head_dim; e += 8)
+                acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), _mm256_loadu_ps(kh + e), acc[j]);
+        }
+        const __m256 s = _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale));
+        if (nk == 8) {
+            _mm256_storeu_ps(p + i0, s);
+            vmax = _mm256_max_ps(vmax, s);
+        } else {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, s);
+            for (int j = 0; j < nk; j++) { p[i0 + j] = tmp[j]; }
+            for (int j = nk; j < 8; j++) tmp[j] = -INFINITY;
+            vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(tmp));
+        }
+    }
+    float mx8[8];
+    _mm256_storeu_ps(mx8, vmax);
+    float mx = mx8[0];
+    for (int j = 1; j < 8; j++) mx = mx8[j] > mx ? mx8[j] : mx;
+    /* weights e^(s - max) and their sum (lane sums in one order, then the lanes) */
+    const __m256 vm = _mm256_set1_ps(mx);
+    __m256 vsum = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + i), vm));
+        _mm256_storeu_ps(p + i, w);
+        vsum = _mm256_add_ps(vsum, w);
+    }
+    if (i < n) {
+        float tmp[8];
+        for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? p[i + j] : -INFINITY;
+        const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(tmp), vm));
+        _mm256_storeu_ps(tmp, w);
+        for (int64_t j = 0; i + j < n; j++) p[i + j] = tmp[j];
+        vsum = _mm256_add_ps(vsum, w);  /* lanes past n are e^-inf = 0 */
+    }
+    const float inv = 1.0f / hsum8(vsum);
+    /* o = sum_i w_i v_i / sum, 64 outputs at a time in registers */
+    for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
+        const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8;
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            const float *vh = v + sl[t] * stride + off + e0;
+            const __m256 w = _mm256_set1_ps(p[t]);
+            for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vh + 8 * c), acc[c]);
+        }
+        const __m256 vi = _mm256_set1_ps(inv);
+        for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + e0 + 8 * c, _mm256_mul_ps(acc[c], vi));
+    }
+#else
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        const float *kh = k + sl[i] * stride + off;
+        float s = 0.0f;
+        for (int64_t e = 0; e < head_dim; e++) s += qh[e] * kh[e];
+        p[i] = s * scale;
+        mx = p[i] > mx ? p[i] : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) { p[i] = expf(p[i] - mx); sum += p[i]; }
+    const float inv = 1.0f / sum;
+    for (int64_t e = 0; e < head_dim; e++) o[e] = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float *vh = v + sl[i] * stride + off;
+        for (int64_t e = 0; e < head_dim; e++) o[e] += p[i] * vh[e];
+    }
+    for (int64_t e = 0; e < head_dim; e++) o[e] *= inv;
+#endif
+}
+
+/* Attention over the paged KV cache, one query row at a time.
+ * q: rows `q_stride` floats apart, each [heads, head_dim] (head_dim a multiple of 8); k, v: one
+ * layer's cache [slots, kv_heads, head_dim]; slots: the cache slot of each key position;
+ * row r attends to positions [0, lengths[r]) whose slots start at slots + offsets[r]; out:
+ * [rows, heads, head_dim]. Each (row, head) is computed by the same operations whatever else
+ * is in the batch and however the work is split between threads. */
 int fm_attn_rows(const float *q, int64_t q_stride, const float *k, const float *v, const int64_t *slots,
                  const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t heads,
                  int64_t kv_heads, int64_t head_dim, float scale, float *out, int nthreads) {
-    if (heads % kv_heads != 0 || head_dim % 8 != 0) return -1;
-    int64_t max_len = 0;
-    for (int64_t r = 0; r < rows; r++) max_len = lengths[r] > max_len ? lengths[r] : max_len;
+    if (kv_heads < 1 || heads % kv_heads != 0 || head_dim % 8 != 0) return -1;
+    int64_t max_len = 0, work = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if (lengths[r] < 1) return -1;
+        max_len = lengths[r] > max_len ? lengths[r] : max_len;
+        work += lengths[r];
+    }
     const int64_t group = heads / kv_heads, stride = kv_heads * head_dim;
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads) if (rows * heads > 1 && rows * heads * max_len >= PARALLEL_MIN_ATTN)
+#pragma omp parallel num_threads(nthreads) if (rows * heads > 1 && work * heads * head_dim >= PARALLEL_MIN_ATTN)
     {
-        float *p = (float *)malloc((size_t)(max_len > 0 ? max_len : 1) * sizeof(float));
+        float *p = (float *)malloc((size_t)(max_len + 8) * sizeof(float));
         if (!p) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < rows * heads; task++) {
             if (!p) continue;
-            const int64_t r = task / heads, h = task % heads, g = h / group, n = lengths[r];
-            const int64_t *sl = slots + offsets[r];
-            const float *qh = q + r * q_stride + h * head_dim;
-            float *o = out + (r * heads + h) * head_dim;
-            float mx = -INFINITY;
-            for (int64_t i = 0; i < n; i++) {
-                const float *kh = k + sl[i] * stride + g * head_dim;
-#ifdef FM_AVX2
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t e = 0; e < head_dim; e += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), _mm256_loadu_ps(kh + e), acc);
-                float s = hsum8(acc) * scale;
-#else
-                float s = 0.0f;
-                for (int64_t e = 0; e < head_dim; e++) s += qh[e] * kh[e];
-                s *= scale;
-#endif
-                p[i] = s;
-                mx = s > mx ? s : mx;
-            }
-            float sum = 0.0f;
-            for (int64_t i = 0; i < n; i++) { p[i] = expf(p[i] - mx); sum += p[i]; }
-            const float inv = 1.0f / sum;
-            for (int64_t e = 0; e < head_dim; e++) o[e] = 0.0f;
-            for (int64_t i = 0; i < n; i++) {
-                const float *vh = v + sl[i] * stride + g * head_dim;
-                const float w = p[i] * inv;
-#ifdef FM_AVX2
-                __m256 wv = _mm256_set1_ps(w);
-                for (int64_t e = 0; e < head_dim; e += 8)
-                    _mm256_storeu_ps(o + e, _mm256_fmadd_ps(wv, _mm256_loadu_ps(vh + e), _mm256_loadu_ps(o + e)));
-#else
-                for (int64_t e = 0; e < head_dim; e++) o[e] += w * vh[e];
-#endif
-            }
+            const int64_t r = task / heads, h = task % heads;
+            attend_head(q + r * q_stride + h * head_dim, k, v, slots + offsets[r], lengths[r], stride,
+                        (h / group) * head_dim, head_dim, scale, p, out + (r * heads + h) * head_dim);
         }
         free(p);
     }
     return failed ? -2 : 0;
+}
+
+/* The transformer blocks of one pass, all in here: per layer, qkv = (RMS-norm x) W_qkv (+ bias),
+ * rope and the KV-cache write, attention of every row over its keys (see fm_attn_rows), x +=
+ * attn W_o, x += SwiGLU((RMS-norm x) W_gate_up) W_down. The same functions, in the same order,
+ * as calling them one by one, so results are identical; one call instead of six per layer.
+ * layers: [num_layers][FM_LAYER_FIELDS] int64: the packed weights of qkv, o, gate_up, down
+ * (pointers), their ggml types, the two norm weights (pointers) and the qkv bias (0: none).
+ * dims: hidden, heads, kv_heads, head_dim, intermediate, max_position, num_slots.
+ * kc, vc: the caches [num_layers][num_slots][kv_heads][head_dim]; kv_slots [num_kv]. x [T, hidden]
+ * is updated in place. Returns 0, -1 (writing nothing) for a key slot or range out of bounds, or
+ * the first failing call's code. */
+enum { FM_QKV_W, FM_O_W, FM_GU_W, FM_DOWN_W, FM_QKV_T, FM_O_T, FM_GU_T, FM_DOWN_T, FM_ATTN_NORM, FM_MLP_NORM,
+       FM_QKV_BIAS, FM_LAYER_FIELDS };
+
+int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, float eps, float scale, float *x,
+              int64_t T, const float *cos, const float *ssin, const int64_t *positions, const int64_t *slots,
+              int64_t num_real, float *kc, float *vc, const int64_t *kv_slots, int64_t num_kv,
+              const int64_t *offsets, const int64_t *lengths, int nthreads) {
+    const int64_t H = dims[0], heads = dims[1], kv_heads = dims[2], hd = dims[3], I = dims[4];
+    const int64_t max_position = dims[5], num_slots = dims[6];
+    for (int64_t i = 0; i < num_kv; i++)
+        if (kv_slots[i] < 0 || kv_slots[i] >= num_slots) return -1;
+    for (int64_t t = 0; t < T; t++)
+        if (offsets[t] < 0 || lengths[t] < 1 || offsets[t] + lengths[t] > num_kv) return -1;
+    const int64_t nqkv = (heads + 2 * kv_heads) * hd, cache_stride = num_slots * kv_heads * hd;
+    float *qkv = (float *)malloc((size_t)(T * nqkv + T * heads * hd + T * 2 * I) * sizeof(float));
+    if (!qkv) return -2;
+    float *att = qkv + T * nqkv, *gu = att + T * heads * hd;
+    int rc = 0;
+    for (int64_t l = 0; l < num_layers && rc == 0; l++) {
+        const int64_t *L = layers + l * FM_LAYER_FIELDS;
+        float *kl = kc + l * cache_stride, *vl = vc + l * cache_stride;
+        rc = fm_linear((int)L[FM_QKV_T], (const uint8_t *)L[FM_QKV_W], nqkv, H, x, T, qkv, nthreads, PRO_RMSNORM,
+                       (const float *)L[FM_ATTN_NORM], eps, 0);
+        if (rc == 0 && L[FM_QKV_BIAS]) {
+            const float *b = (const float *)L[FM_QKV_BIAS];
+            for (int64_t t = 0; t < T; t++)
+                for (int64_t n = 0; n < nqkv; n++) qkv[t * nqkv + n] += b[n];
+        }
+        if (rc == 0)
+            rc = fm_rope_store(qkv, T, heads, kv_heads, hd, cos, ssin, max_position, positions, slots, num_real,
+                               kl, vl, num_slots);
+        if (rc == 0)
+            rc = fm_attn_rows(qkv, nqkv, kl, vl, kv_slots, offsets, lengths, T, heads, kv_heads, hd, scale, att,
+                              nthreads);
+        if (rc == 0)
+            rc = fm_linear((int)L[FM_O_T], (const uint8_t *)L[FM_O_W], H, heads * hd, att, T, x, nthreads, PRO_NONE,
+                           NULL, 0.0f, 1);
+        if (rc == 0)
+            rc = fm_linear((int)L[FM_GU_T], (const uint8_t *)L[FM_GU_W], 2 * I, H, x, T, gu, nthreads, PRO_RMSNORM,
+                           (const float *)L[FM_MLP_NORM], eps, 0);
+        if (rc == 0)
+            rc = fm_linear((int)L[FM_DOWN_T], (const uint8_t *)L[FM_DOWN_W], H, I, gu, T, x, nthreads, PRO_SWIGLU,
+                           NULL, 0.0f, 1);
+    }
+    free(qkv);
+    return rc;
 }

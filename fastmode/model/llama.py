@@ -188,6 +188,8 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = Rotary(arch.head_dim, arch.max_position, arch.rope_theta)
         self.native = False  # every block runs on the native kernels (see `use_native`)
+        self._table: torch.Tensor | None = None  # the blocks' weights for kernels.blocks
+        self._dims: torch.Tensor | None = None
 
     def use_native(self) -> bool:
         """Run blocks on the native kernels if every block projection is a bias-free QLinear;
@@ -197,6 +199,16 @@ class Llama(nn.Module):
         self.native = (kernels.load() is not None and self.arch.head_dim % 8 == 0
                        and all(isinstance(m, QLinear) for m in layers)
                        and all(b.attn.o.bias is None and b.mlp.down.bias is None for b in self.blocks))
+        if self.native:
+            self._table = kernels.layer_table([{
+                "qkv": b.attn.qkv.raw, "o": b.attn.o.raw, "gate_up": b.mlp.gate_up.raw, "down": b.mlp.down.raw,
+                "qkv_type": b.attn.qkv.wtype, "o_type": b.attn.o.wtype, "gate_up_type": b.mlp.gate_up.wtype,
+                "down_type": b.mlp.down.wtype, "attn_norm": b.attn_norm.weight.data,
+                "mlp_norm": b.mlp_norm.weight.data, "qkv_bias": None if b.attn.qkv.bias is None else b.attn.qkv.bias.data,
+            } for b in self.blocks])  # type: ignore[union-attr]
+            a = self.arch
+            self._dims = torch.tensor([a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
+                                       a.max_position, 0], dtype=torch.int64)
         return self.native
 
     @torch.inference_mode()
@@ -204,7 +216,15 @@ class Llama(nn.Module):
         """Run the batch; return logits for `batch.logit_rows`: [len(logit_rows), vocab]."""
         x = self.embed(batch.input_ids)  # [T, hidden]
         lib = kernels.load() if self.native else None
-        if lib is not None:
+        if lib is not None and batch.decode is not None and self._table is not None and self._dims is not None:
+            # a pass without prefill rows: every block in one native call
+            x = x.contiguous()
+            self._dims[6] = cache.k.shape[1]
+            norm = self.blocks[0].attn_norm
+            kernels.blocks(lib, self._table, self._dims, norm.eps, self.blocks[0].attn.scale, x, self.rope.cos,
+                           self.rope.signed_sin, batch.positions, batch.slot_mapping, batch.num_real, cache.k, cache.v,
+                           *batch.decode.tensors)
+        elif lib is not None:
             for block in self.blocks:
                 x = block.forward_native(x, self.rope, batch, cache, lib)
         else:
