@@ -51,7 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
     weights = ([e.weights for e in settings.models] if settings.models
                else [args.model or server.get("model", DEFAULT_MODEL)])
     loaded = {}
-    native = bool(server.get("native_kernels", False))
+    native = bool(server.get("native_kernels", True))
     for w in dict.fromkeys(weights):
         print(f"fastmode: loading {w} ...", file=sys.stderr, flush=True)
         loaded[w] = load_model(w, native_kernels=native)

@@ -47,7 +47,7 @@ class LaneConfig:
 class EngineConfig:
     """How the engine runs: memory, threads, lanes."""
 
-    num_threads: int = 0  # 0: torch's default for this machine
+    num_threads: int = 0  # 0: torch's default (physical cores); native models then pick 1..that per pass size from measured pass times
     kv_cache_tokens: int = 65536
     block_size: int = 16
     prefill_chunk: int = 256  # prefill chunks end at multiples of this (absolute positions)

@@ -296,3 +296,37 @@ def test_a_quantized_model_with_qkv_bias_runs_native_and_matches_its_float_twin(
     a, _ = test_engine._verify_vs_sequential(Engine(native, small_engine_config(), []), prompt)
     b, _ = test_engine._verify_vs_sequential(Engine(twin, small_engine_config(), []), prompt)
     assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.99
+
+
+def test_thread_chooser_follows_the_measurements():
+    from fastmode.engine.runner import ThreadChooser
+    c = ThreadChooser([2, 1], explore_every=5)
+    assert c.pick(3) == 2  # untried counts first, in order
+    c.observe(2, 3, 0.010)
+    assert c.pick(3) == 1
+    c.observe(1, 3, 0.020)
+    picks = [c.pick(3) for _ in range(10)]
+    assert picks.count(2) >= 8 and 1 in picks  # the faster count, and now and then the other
+    for _ in range(6):  # the machine gets busy: two threads become slow, one is tried again
+        c.observe(2, 3, 0.050)
+    picks = [c.pick(3) for _ in range(10)]
+    assert picks.count(1) >= 8 and 2 in picks
+    assert c.pick(8) == 2  # another pass size has its own measurements
+
+
+def test_native_lanes_agree_while_the_thread_count_changes_every_pass(make_q4_engine, monkeypatch):
+    """Every decode pass alternates between one and two threads: the native kernels' results do
+    not depend on the thread count, so the lanes still give the same tokens."""
+    from fastmode.engine.runner import ThreadChooser
+    engine = make_q4_engine()
+    chooser = ThreadChooser([2, 1])
+    turn = iter(range(10 ** 6))
+    monkeypatch.setattr(chooser, "pick", lambda rows: 1 + next(turn) % 2)
+    engine.runner.threads = chooser
+    ps = test_engine.prompts(4, seed=21)
+    std, _ = test_engine.run(engine, ps, test_engine.Lane.STANDARD)
+    fast, _ = test_engine.run(engine, ps, test_engine.Lane.FAST)
+    assert std == fast
+    assert {t for t, _ in chooser.seconds} == {1, 2}
+    reference = make_q4_engine(num_threads=2)
+    assert test_engine.run(reference, ps, test_engine.Lane.STANDARD)[0] == std

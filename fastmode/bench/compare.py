@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="--compare: threads for every contender (0: all cores)")
     p.add_argument("--page", default=None, help="--compare: also write a benchmarks page (markdown) here")
     p.add_argument("--native-kernels", choices=("on", "off", "both"), default="both",
-                   help="--compare: fastmode on its native quantized kernels (on), on float32 weights (off, the "
-                        "server's default), or both side by side")
+                   help="--compare: fastmode on its native quantized kernels (on, the server's default), on "
+                        "float32 weights (off), or both side by side")
 
 
 def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]:

@@ -14,7 +14,7 @@ from fastmode.config import EngineConfig
 from fastmode.engine.block_manager import BlockManager
 from fastmode.engine.prefix_cache import CacheSpec, PrefixCache
 from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
-from fastmode.engine.runner import Runner
+from fastmode.engine.runner import Runner, ThreadChooser, max_threads
 from fastmode.engine.sampler import probabilities, verify
 from fastmode.engine.scheduler import Scheduled, Scheduler
 from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup
@@ -39,8 +39,7 @@ class Engine:
     def __init__(self, model: Llama, config: EngineConfig, eos_ids: list[int],
                  clock: Callable[[], float] = time.monotonic) -> None:
         """`clock` times prompt-cache TTLs (tests inject one)."""
-        if config.num_threads > 0:
-            torch.set_num_threads(config.num_threads)
+        torch.set_num_threads(config.num_threads if config.num_threads > 0 else max_threads())
         self.config = config
         self.model = model
         self.eos = set(eos_ids)
@@ -52,7 +51,10 @@ class Engine:
         max_rows = max(max(lane.max_tokens_per_step, config.prefill_chunk)
                        + lane.max_batch * (1 + (config.max_draft if lane.speculate else 0))
                        for lane in (config.fast, config.standard))
-        self.runner = Runner(model, self.cache, self.blocks, config.invariant_numerics, max_rows)
+        # The native kernels give the same results with any thread count: let measurements pick it.
+        auto = config.num_threads == 0 and model.native and max_threads() > 1
+        self.runner = Runner(model, self.cache, self.blocks, config.invariant_numerics, max_rows,
+                             ThreadChooser(list(range(max_threads(), 0, -1))) if auto else None)
         self.prefix = PrefixCache(self.blocks, config.prefill_chunk, clock)
         self.scheduler = Scheduler(config, self.blocks, self.prefix)
         self.policy = DraftLengthPolicy(config.max_draft)

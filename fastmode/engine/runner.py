@@ -12,6 +12,14 @@ from fastmode.model.batch import DecodeRows, ForwardBatch, Segment
 from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
 
+_MAX_THREADS = torch.get_num_threads()  # torch's default for this machine, read at import
+
+
+def max_threads() -> int:
+    """The most threads a pass uses when none are configured: torch's default (physical cores)."""
+    return _MAX_THREADS
+
+
 PROBES = [*range(1, 17), 24, 32, 48, 64, 96, 128, 192, 256]
 
 
@@ -33,10 +41,47 @@ def invariant_row_counts(weights: list[torch.Tensor], probe_max: int) -> list[in
     return sorted(ok | {probe_max})
 
 
+class ThreadChooser:
+    """The thread count for each pass size, from measured pass times.
+
+    Two threads beat one on an idle 2-core machine, but when another process takes a core the
+    threads wait on each other at every barrier and one thread is twice as fast. So each pass
+    size keeps a running average of its pass time per thread count, the fastest is used, and
+    every `explore_every`-th pass of a size tries another count, so a change in the machine's
+    load is noticed within a few seconds."""
+
+    def __init__(self, options: list[int], explore_every: int = 50) -> None:
+        self.options = options
+        self.explore_every = explore_every
+        self.seconds: dict[tuple[int, int], float] = {}  # (threads, rows) -> running average
+        self.passes: dict[int, int] = {}
+
+    def pick(self, rows: int) -> int:
+        n = self.passes[rows] = self.passes.get(rows, 0) + 1
+        known = {t: self.seconds[(t, rows)] for t in self.options if (t, rows) in self.seconds}
+        untried = [t for t in self.options if t not in known]
+        if untried:
+            return untried[0]
+        best = min(known, key=known.__getitem__)
+        if n % self.explore_every == 0:  # try the next count after the best, in turn
+            others = [t for t in self.options if t != best]
+            return others[(n // self.explore_every) % len(others)]
+        return best
+
+    def observe(self, threads: int, rows: int, seconds: float) -> None:
+        old = self.seconds.get((threads, rows))
+        self.seconds[(threads, rows)] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+
 class Runner:
-    def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager, invariant: bool, max_rows: int) -> None:
-        """`max_rows`: the most rows a pass can have (prefill budget + decode and draft rows)."""
+    def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager, invariant: bool, max_rows: int,
+                 threads: ThreadChooser | None = None) -> None:
+        """`max_rows`: the most rows a pass can have (prefill budget + decode and draft rows).
+        `threads`: choose the thread count of passes without prefill rows (only for models
+        whose results do not depend on it: the native kernels)."""
         self.model, self.cache, self.blocks = model, cache, blocks
+        self.threads = threads
+        self.fixed_threads = torch.get_num_threads()  # for every other pass (the engine has set it)
         # Float matrices run on torch's GEMM, whose rows depend on the batch: pad for them.
         # Quantized layers (QLinear) are row-invariant by construction and need no padding.
         layers = [model.blocks[0].attn.qkv, model.blocks[0].attn.o, model.blocks[0].mlp.gate_up,
@@ -137,11 +182,18 @@ class Runner:
 
     def run(self, plan: list[Scheduled]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         batch, ranges = self.build(plan)
+        rows = len(batch.input_ids)
+        decode = all(not s.is_prefill for s in batch.segments)
+        threads = self.threads.pick(rows) if self.threads is not None and decode else self.fixed_threads
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         t0 = time.perf_counter()
         logits = self.model(batch, self.cache)
         dt = time.perf_counter() - t0
-        rows = len(batch.input_ids)
-        if all(not s.is_prefill for s in batch.segments):  # the draft policy prices decode passes
+        if decode:  # the draft policy prices decode passes, at the thread count in use
+            if self.threads is not None:
+                self.threads.observe(threads, rows, dt)
+                dt = min(self.threads.seconds.get((t, rows), dt) for t in self.threads.options)
             old = self.step_seconds.get(rows)
             self.step_seconds[rows] = dt if old is None else 0.8 * old + 0.2 * dt
         return logits, ranges

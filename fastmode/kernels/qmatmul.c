@@ -260,12 +260,13 @@ static inline __attribute__((always_inline)) void dot_rows_n(int type, const uin
  * nibble bytes (values 4c..4c+3 low, 16+4c..16+4c+3 high); Q8_0 chunk c (c < 8) holds values
  * 4c..4c+3 of each row. Then lane j of every vector belongs to output row j: no horizontal
  * sums, and each output's operations do not depend on M or on the other rows. */
-static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xq, const float *xd,
-                     const float *xs, float *dst, int64_t N, int64_t n0) {
+/* x rows m0 .. m0 + nx - 1 (nx <= R, a constant in each inlined copy: sums stay in registers) */
+static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_t *w, int64_t nb, int64_t m0,
+                                                           const int nx, const int8_t *xq, const float *xd,
+                                                           const float *xs, float *dst, int64_t N, int64_t n0) {
     const int64_t bbytes = GROUP * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
     const __m256i lo = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    for (int64_t m0 = 0; m0 < M; m0 += R) {
-        const int nx = M - m0 < R ? (int)(M - m0) : R;
+    {
         __m256 acc[R], accm[R];
         for (int r = 0; r < R; r++) { acc[r] = _mm256_setzero_ps(); accm[r] = _mm256_setzero_ps(); }
         const uint8_t *wb = w;
@@ -317,6 +318,20 @@ static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const in
             _mm256_storeu_ps(dst + (m0 + r) * N + n0,
                              type == FM_Q4_1 ? _mm256_add_ps(acc[r], accm[r]) : acc[r]);
     }
+}
+
+static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xq, const float *xd,
+                     const float *xs, float *dst, int64_t N, int64_t n0) {
+#define TILES(T)                                                                  \
+    for (int64_t m0 = 0; m0 < M; m0 += R) {                                       \
+        const int64_t left = M - m0;                                              \
+        if (left >= 4) r8_tile(T, w, nb, m0, 4, xq, xd, xs, dst, N, n0);          \
+        else if (left == 3) r8_tile(T, w, nb, m0, 3, xq, xd, xs, dst, N, n0);     \
+        else if (left == 2) r8_tile(T, w, nb, m0, 2, xq, xd, xs, dst, N, n0);     \
+        else r8_tile(T, w, nb, m0, 1, xq, xd, xs, dst, N, n0);                    \
+    }
+    if (type == FM_Q4_1) { TILES(FM_Q4_1) } else { TILES(FM_Q8_0) }
+#undef TILES
 }
 #endif
 

@@ -231,5 +231,7 @@ class Llama(nn.Module):
             rope = self.rope.tables(batch.positions)
             for block in self.blocks:
                 x = block(x, rope, batch, cache)
+        if isinstance(self.lm_head, QLinear):  # the final norm fused into the head, on the native kernel
+            return self.lm_head.run(x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm)
         x = self.norm(x[batch.logit_rows])
         return self.lm_head(x)

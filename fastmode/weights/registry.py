@@ -140,11 +140,11 @@ def _build(arch: ModelArch, sd: dict[str, loader.Weight]) -> Llama:
     return model.eval()
 
 
-def load_model(name: str, native_kernels: bool = False) -> LoadedModel:
+def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
     """Load by name: a packaged model (fetched on first use), tiny-random, a .gguf file or a HF directory.
 
-    With `native_kernels` (and a C compiler), a GGUF's Q4_0/Q4_1/Q8_0 matrices stay quantized
-    and run on fastmode's native kernels; otherwise they are dequantized to float32."""
+    With `native_kernels` (the default) and a C compiler, a GGUF's Q4_0/Q4_1/Q8_0 matrices stay
+    quantized and run on fastmode's native kernels; otherwise they are dequantized to float32."""
     defaults = DecodingDefaults()
     display = name
     if name == TINY_MODEL:
