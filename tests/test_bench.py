@@ -1,3 +1,4 @@
+import pytest
 """`fastmode bench` end to end against the tiny model's server."""
 import json
 
@@ -78,7 +79,7 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     try:
         assert main(["bench", "--compare", "--model", "tiny-random", "--workload", str(wl), "--repeats", "2",
                      "--threads", "1", "--native-kernels", "off", "--out", str(tmp_path / "out"),
-                     "--page", str(page)]) == 0
+                     "--page", str(page), "--streams", "3"]) == 0
     finally:
         torch.set_num_threads(threads)  # --threads sets the process's torch threads
     report = json.loads((tmp_path / "out" / "compare.json").read_text())
@@ -91,5 +92,9 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     assert config["identical_fast_standard"] == [4, 4] and config["weights"] == "float32 in torch"
     assert report["read_bandwidth_gbs"] > 0 and config["decode_bandwidth_gbs"] > 0
     assert set(config["fast_over_standard"]) == {"copy", "chat"}
+    streams = report["streams"]["default"]  # 3 prompts at once (the 2 prompts, reused) against one at a time
+    assert streams["streams"] == 3 and streams["one"] > 0 and streams["many"] > 0
+    assert streams["ratio"] == pytest.approx(streams["many"] / streams["one"])
     text = page.read_text()
     assert "| copy |" in text and "fastmode fast" in text and (page.parent / "compare.png").exists()
+    assert "3 streams at once" in text

@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="in-process decode speed: fastmode's lanes vs llama.cpp if installed (no server needed)")
     p.add_argument("--threads", type=int, default=0, help="--compare: threads for every contender (0: all cores)")
     p.add_argument("--page", default=None, help="--compare: also write a benchmarks page (markdown) here")
+    p.add_argument("--streams", type=int, default=8,
+                   help="--compare: also measure the standard lane with this many streams at once (0: skip)")
     p.add_argument("--native-kernels", choices=("on", "off", "both"), default="both",
                    help="--compare: fastmode on its native quantized kernels (on, the server's default), on "
                         "float32 weights (off), or both side by side")
@@ -88,6 +90,23 @@ def fastmode_contenders(model_name: str, threads: int, native: bool,
                     return
         return generate
 
+    def many(prompts: list[list[int]], max_tokens: int) -> float:
+        """Aggregate tokens per second of these prompts decoding together in the standard lane
+        (tokens after each stream's first, over the time after the first token of them all)."""
+        got = [0] * len(prompts)
+        done: list[int] = []
+        for i, ids in enumerate(prompts):
+            engine.add(f"agg-{time.monotonic_ns()}-{i}", ids, SamplingParams(max_tokens=max_tokens), Lane.STANDARD,
+                       lambda d, i=i: (got.__setitem__(i, got[i] + len(d.token_ids)),
+                                       d.status.finished and done.append(i)))
+        while not all(got) and len(done) < len(prompts):
+            engine.step()
+        t0, g0 = time.perf_counter(), sum(got)
+        while len(done) < len(prompts):
+            engine.step()
+        return (sum(got) - g0) / max(time.perf_counter() - t0, 1e-9)
+
+    loaded.generate_many = many  # type: ignore[attr-defined]
     return {f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}, loaded
 
 
@@ -115,6 +134,73 @@ def llama_cpp_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str, G
                 yield tok
         out[name] = generate
     return out
+
+
+def transformers_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str, Generate]:
+    """Hugging Face transformers on the same GGUF (dequantized to float32 by transformers),
+    greedy and with its prompt-lookup decoding, when transformers, gguf and accelerate are
+    installed."""
+    try:
+        import threading
+        import queue
+
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.generation.streamers import BaseStreamer
+    except ImportError:
+        return {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (ImportError, ValueError, OSError) as e:  # e.g. gguf or accelerate missing
+        print(f"compare: transformers cannot load {gguf.name}: {e}")
+        return {}
+    model.eval()
+
+    class Tokens(BaseStreamer):  # hands generated ids to the consuming thread as they come
+        def __init__(self) -> None:
+            self.q: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+            self.prompt = True
+
+        def put(self, value: Any) -> None:
+            if self.prompt:  # the first call carries the prompt
+                self.prompt = False
+                return
+            for tok in value.reshape(-1).tolist():
+                self.q.put(tok)
+
+        def end(self) -> None:
+            self.q.put(None)
+
+    def kind(lookup: int | None) -> Generate:
+        def generate(ids: list[int], max_tokens: int) -> Iterator[int]:
+            torch.set_num_threads(threads or torch.get_num_threads())
+            x = torch.tensor([ids])
+            streamer = Tokens()
+            worker = threading.Thread(target=lambda: model.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                prompt_lookup_num_tokens=lookup, eos_token_id=sorted(eos), streamer=streamer))
+            worker.start()
+            try:
+                while (tok := streamer.q.get()) is not None:
+                    if tok in eos:
+                        break
+                    yield tok
+            finally:
+                worker.join()
+        return generate
+
+    return {"transformers": kind(None), "transformers prompt lookup": kind(10)}
+
+
+def aggregate_otps(generate_many: Callable[[list[list[int]], int], float], prompts: list[list[int]],
+                   max_tokens: int, repeats: int) -> dict[str, float]:
+    """Standard-lane throughput of len(prompts) streams at once against one stream, interleaved."""
+    one, many = [], []
+    for _ in range(repeats):
+        one.append(statistics.median(generate_many([p], max_tokens) for p in prompts))
+        many.append(generate_many(prompts, max_tokens))
+    return {"streams": len(prompts), "one": statistics.median(one), "many": statistics.median(many),
+            "ratio": statistics.median(many) / statistics.median(one)}
 
 
 def read_bandwidth_gbs(threads: int) -> float:
@@ -147,6 +233,7 @@ def run_compare(args: argparse.Namespace) -> int:
     gguf = pull(model) if model == DEFAULT_MODEL else Path(model)
     if gguf.suffix == ".gguf":
         contenders.update(llama_cpp_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
+        contenders.update(transformers_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
     template = ChatTemplate(loaded.tokenizer.chat_template)
     items = load_workload(args.workload, args.categories)
     names = list(contenders)
@@ -163,6 +250,13 @@ def run_compare(args: argparse.Namespace) -> int:
                 runs.append(Run(name, item["category"], i, rep, ttft, otps, toks))
                 bar.update(1)
     bar.close()
+    streams = {}
+    if args.streams > 1:  # the standard lane's batching: N prompts at once against one at a time
+        first = [loaded.tokenizer.encode(render_prompt(parse_messages_request(
+            {"model": model, "max_tokens": 1, **item}, "2023-06-01"), template)) for item in items]
+        first = (first * args.streams)[:args.streams]
+        for suffix, lm in tqdm(weights.items(), desc="streams"):
+            streams[suffix.strip() or "default"] = aggregate_otps(lm.generate_many, first, 48, max(args.repeats, 2))
     bandwidth = read_bandwidth_gbs(args.threads)
     table = summarize(runs, names)
     configs = {}
@@ -176,8 +270,16 @@ def run_compare(args: argparse.Namespace) -> int:
             "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
             "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
             "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
+    anchors = {}
+    for suffix in weights:
+        fast, std = f"fastmode fast{suffix}", f"fastmode standard{suffix}"
+        for anchor, ours in (("llama.cpp", std), ("llama.cpp prompt lookup", fast), ("transformers", std),
+                             ("transformers prompt lookup", fast)):
+            if anchor in names:
+                anchors[f"{ours} / {anchor}"] = {cat: row[ours] / row[anchor] for cat, row in table.items()
+                                                 if row[anchor] > 0}
     report = {"machine": machine(args.threads), "model": model, "repeats": args.repeats,
-              "read_bandwidth_gbs": bandwidth,
+              "read_bandwidth_gbs": bandwidth, "streams": streams, "anchors": anchors,
               "configs": configs, "table": table, "runs": [asdict(r) for r in runs]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,6 +338,12 @@ def markdown(report: dict[str, Any], names: list[str]) -> str:
         lines.append(f"- fastmode {label} ({c['weights']}): {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
                      f"decode step, so the standard lane streams {c['decode_bandwidth_gbs']:.1f} GB/s; fast / "
                      f"standard: {ratios}; greedy outputs identical between the lanes: {same}/{pairs}.")
+    for label, st in report.get("streams", {}).items():
+        lines.append(f"- fastmode {label}, standard lane, {st['streams']} streams at once: {st['many']:.1f} tok/s "
+                     f"aggregate against {st['one']:.1f} tok/s for one stream ({st['ratio']:.2f}x; 48 tokens each, "
+                     f"medians of interleaved rounds).")
+    for pair, cats in report.get("anchors", {}).items():
+        lines.append(f"- {pair}: " + ", ".join(f"{cat} {r:.2f}x" for cat, r in cats.items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -258,11 +366,12 @@ def plot_compare(table: dict[str, dict[str, float]], names: list[str], path: Pat
 
 PAGE_HEAD = """# Benchmarks
 
-Regenerate with `.venv/bin/fastmode bench --compare --page docs/benchmarks.md`: fastmode on
-float32 weights (the server's default) and on its native kernels, each in both lanes, and
+Regenerate with `.venv/bin/fastmode bench --compare --page docs/benchmarks.md`: fastmode on its
+native kernels (the server's default) and on float32 weights in torch, each in both lanes;
 llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in the same
-environment. Every contender runs in one process on the same prompt ids (the shipped workload,
-`fastmode/bench/workloads/dev.jsonl`), greedy, the order rotating from prompt to prompt;
-numbers are medians.
+environment, and Hugging Face transformers (greedy and prompt lookup) when `transformers`,
+`gguf` and `accelerate` are. Every contender runs in one process on the same prompt ids (the
+shipped workload, `fastmode/bench/workloads/dev.jsonl`), greedy, the order rotating from prompt
+to prompt; numbers are medians. Then the standard lane with 8 streams at once against one.
 
 """
