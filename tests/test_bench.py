@@ -1,7 +1,7 @@
-import pytest
 """`fastmode bench` end to end against the tiny model's server."""
 import json
 
+import pytest
 import torch
 
 from fastmode.bench.runner import identical_outputs, load_workload, summarize, Sample
