@@ -29,6 +29,7 @@
 #define QK 32
 #define PARALLEL_MIN_BLOCKS 8192 /* weight-block dot products below which a matmul stays serial */
 #define PARALLEL_MIN_ATTN 131072 /* multiply-adds below which attention stays serial */
+#define PREFETCH_BYTES 2048      /* how far ahead of use the weight stream is prefetched */
 #define Q4_1_BYTES 20 /* f16 d, f16 m, 16 bytes of nibbles */
 #define Q8_0_BYTES 34 /* f16 d, 32 int8 */
 
@@ -272,6 +273,11 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
         const uint8_t *wb = w;
         for (int64_t b = 0; b < nb; b++, wb += bbytes) {
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)wb));
+            /* the weights stream from memory once per pass: ask for them ahead of use */
+            _mm_prefetch((const char *)(wb + PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 128), _MM_HINT_T0);
+            if (type == FM_Q8_0) _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 192), _MM_HINT_T0);
             if (type == FM_Q4_1) {
                 const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wb + 16)));
                 __m256i vl[4], vh[4];
