@@ -176,9 +176,14 @@ def transformers_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str
             torch.set_num_threads(threads or torch.get_num_threads())
             x = torch.tensor([ids])
             streamer = Tokens()
-            worker = threading.Thread(target=lambda: model.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                prompt_lookup_num_tokens=lookup, eos_token_id=sorted(eos), streamer=streamer))
+
+            def work() -> None:
+                try:
+                    model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
+                                   prompt_lookup_num_tokens=lookup, eos_token_id=sorted(eos), streamer=streamer)
+                finally:  # the consumer must not wait forever if generate fails
+                    streamer.q.put(None)
+            worker = threading.Thread(target=work)
             worker.start()
             try:
                 while (tok := streamer.q.get()) is not None:
@@ -225,8 +230,9 @@ def run_compare(args: argparse.Namespace) -> int:
     model = args.model or DEFAULT_MODEL
     contenders: dict[str, Generate] = {}
     weights: dict[str, Any] = {}  # configuration suffix -> the loaded model
-    for native in {"on": [True], "off": [False], "both": [False, True]}[args.native_kernels]:
-        suffix = " native" if native and args.native_kernels == "both" else ""
+    for native in {"on": [True], "off": [False], "both": [True, False]}[args.native_kernels]:
+        # the server's default configuration keeps the plain names
+        suffix = " float32" if not native and args.native_kernels == "both" else ""
         more, weights[suffix] = fastmode_contenders(model, args.threads, native, suffix)
         contenders.update(more)
     loaded = next(iter(weights.values()))
@@ -373,5 +379,10 @@ environment, and Hugging Face transformers (greedy and prompt lookup) when `tran
 `gguf` and `accelerate` are. Every contender runs in one process on the same prompt ids (the
 shipped workload, `fastmode/bench/workloads/dev.jsonl`), greedy, the order rotating from prompt
 to prompt; numbers are medians. Then the standard lane with 8 streams at once against one.
+
+The anchors are not dependencies of fastmode; install them into `.venv` to compare:
+`CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF" .venv/bin/pip install
+--no-binary llama-cpp-python llama-cpp-python==0.3.36` (built from the package index's source
+package, about ten minutes on 2 cores) and `.venv/bin/pip install transformers gguf accelerate`.
 
 """
