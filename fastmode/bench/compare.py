@@ -62,7 +62,7 @@ def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]
 
 
 def fastmode_contenders(model_name: str, threads: int, native: bool,
-                        suffix: str = "") -> tuple[dict[str, Generate], Any]:
+                        suffix: str = "") -> tuple[dict[str, Generate], Any, Callable[[list[list[int]], int], float]]:
     import torch
 
     from fastmode.config import EngineConfig
@@ -106,8 +106,8 @@ def fastmode_contenders(model_name: str, threads: int, native: bool,
             engine.step()
         return (sum(got) - g0) / max(time.perf_counter() - t0, 1e-9)
 
-    loaded.generate_many = many  # type: ignore[attr-defined]
-    return {f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}, loaded
+    return ({f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}, loaded,
+            many)
 
 
 def llama_cpp_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str, Generate]:
@@ -230,10 +230,11 @@ def run_compare(args: argparse.Namespace) -> int:
     model = args.model or DEFAULT_MODEL
     contenders: dict[str, Generate] = {}
     weights: dict[str, Any] = {}  # configuration suffix -> the loaded model
+    batched: dict[str, Callable[[list[list[int]], int], float]] = {}  # suffix -> N streams at once
     for native in {"on": [True], "off": [False], "both": [True, False]}[args.native_kernels]:
         # the server's default configuration keeps the plain names
         suffix = " float32" if not native and args.native_kernels == "both" else ""
-        more, weights[suffix] = fastmode_contenders(model, args.threads, native, suffix)
+        more, weights[suffix], batched[suffix] = fastmode_contenders(model, args.threads, native, suffix)
         contenders.update(more)
     loaded = next(iter(weights.values()))
     gguf = pull(model) if model == DEFAULT_MODEL else Path(model)
@@ -261,8 +262,8 @@ def run_compare(args: argparse.Namespace) -> int:
         first = [loaded.tokenizer.encode(render_prompt(parse_messages_request(
             {"model": model, "max_tokens": 1, **item}, "2023-06-01"), template)) for item in items]
         first = (first * args.streams)[:args.streams]
-        for suffix, lm in tqdm(weights.items(), desc="streams"):
-            streams[suffix.strip() or "default"] = aggregate_otps(lm.generate_many, first, 48, max(args.repeats, 2))
+        for suffix, many in tqdm(batched.items(), desc="streams"):
+            streams[suffix.strip() or "default"] = aggregate_otps(many, first, 48, max(args.repeats, 2))
     bandwidth = read_bandwidth_gbs(args.threads)
     table = summarize(runs, names)
     configs = {}

@@ -264,6 +264,7 @@ def blocks(lib: ctypes.CDLL, table: torch.Tensor, dims: torch.Tensor, eps: float
             and all(a.dtype == torch.int64 and a.is_contiguous() for a in longs)
             and len(positions) >= t and len(offsets) >= t and len(lengths) >= t and len(slots) >= num_real
             and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+            and table.dim() == 2 and table.shape[1] == LAYER_FIELDS
             and k_cache.shape[0] == table.shape[0] and k_cache.shape[1] == int(dims[6])):
         raise KernelError("blocks: tensors of the wrong type or shape")
     rc = lib.fm_blocks(table.data_ptr(), table.shape[0], dims.data_ptr(), eps, scale, x.data_ptr(), t,
