@@ -92,9 +92,14 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     assert config["identical_fast_standard"] == [4, 4] and config["weights"] == "float32 in torch"
     assert report["read_bandwidth_gbs"] > 0 and config["decode_bandwidth_gbs"] > 0
     assert set(config["fast_over_standard"]) == {"copy", "chat"}
+    # what verification costs: a pass by rows, up to the engine's most (max_draft 7 + 1)
+    assert sorted(config["pass_ms"]) == ["1", "2", "3", "4", "6", "8"] and all(t > 0 for t in config["pass_ms"].values())
+    assert config["perfect_draft_ceiling"] == pytest.approx(
+        max(int(r) * config["pass_ms"]["1"] / t for r, t in config["pass_ms"].items()))
+    assert config["pass_context"] > 0
     streams = report["streams"]["default"]  # 3 prompts at once (the 2 prompts, reused) against one at a time
     assert streams["streams"] == 3 and streams["one"] > 0 and streams["many"] > 0
     assert streams["ratio"] == pytest.approx(streams["many"] / streams["one"])
     text = page.read_text()
     assert "| copy |" in text and "fastmode fast" in text and (page.parent / "compare.png").exists()
-    assert "3 streams at once" in text
+    assert "3 streams at once" in text and "could reach at most" in text

@@ -61,8 +61,8 @@ def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]
     return first - t0, (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0, out
 
 
-def fastmode_contenders(model_name: str, threads: int, native: bool,
-                        suffix: str = "") -> tuple[dict[str, Generate], Any, Callable[[list[list[int]], int], float]]:
+def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str = "") -> tuple[
+        dict[str, Generate], Any, Callable[[list[list[int]], int], float], Callable[[list[int], int], dict[int, float]]]:
     import torch
 
     from fastmode.config import EngineConfig
@@ -106,8 +106,37 @@ def fastmode_contenders(model_name: str, threads: int, native: bool,
             engine.step()
         return (sum(got) - g0) / max(time.perf_counter() - t0, 1e-9)
 
+    def pass_times(ids: list[int], repeats: int) -> dict[int, float]:
+        """Median seconds of one decode pass of a request at this prompt's context, by rows: the
+        request's next token plus r - 1 draft tokens, r up to the engine's most (max_draft + 1).
+        What verifying drafts costs on this machine, so what the fast lane can gain at best."""
+        from fastmode.engine.scheduler import Scheduled
+        top = engine.config.max_draft + 1
+        rows = sorted({r for r in (1, 2, 3, 4, 6, 8, 12, 16) if r <= top} | {top})
+        done: list[bool] = []
+        rid = f"pass-{time.monotonic_ns()}"
+        engine.add(rid, ids, SamplingParams(max_tokens=top + 1), Lane.STANDARD,
+                   lambda d: d.status.finished and done.append(True))
+        engine._drain_inbox()
+        req = engine.requests[rid]
+        while req.in_prefill and not done:  # the prompt, then stop at its first decode position
+            engine.step()
+        if done:
+            raise RuntimeError("the pass-cost request finished during its prompt")
+        times: dict[int, list[float]] = {r: [] for r in rows}
+        draft = req.output_ids[-1] if req.output_ids else ids[-1]
+        for rep in range(repeats):
+            for r in rows if rep % 2 == 0 else rows[::-1]:  # interleaved, alternating direction
+                plan = [Scheduled(req, 1, [draft] * (r - 1))]
+                t0 = time.perf_counter()
+                engine.runner.run(plan)
+                times[r].append(time.perf_counter() - t0)
+        engine.abort(rid)
+        engine._drain_inbox()
+        return {r: statistics.median(ts) for r, ts in times.items()}
+
     return ({f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}, loaded,
-            many)
+            many, pass_times)
 
 
 def llama_cpp_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str, Generate]:
@@ -231,10 +260,12 @@ def run_compare(args: argparse.Namespace) -> int:
     contenders: dict[str, Generate] = {}
     weights: dict[str, Any] = {}  # configuration suffix -> the loaded model
     batched: dict[str, Callable[[list[list[int]], int], float]] = {}  # suffix -> N streams at once
+    passes: dict[str, Callable[[list[int], int], dict[int, float]]] = {}  # suffix -> pass time by rows
     for native in {"on": [True], "off": [False], "both": [True, False]}[args.native_kernels]:
         # the server's default configuration keeps the plain names
         suffix = " float32" if not native and args.native_kernels == "both" else ""
-        more, weights[suffix], batched[suffix] = fastmode_contenders(model, args.threads, native, suffix)
+        more, weights[suffix], batched[suffix], passes[suffix] = fastmode_contenders(model, args.threads, native,
+                                                                                     suffix)
         contenders.update(more)
     loaded = next(iter(weights.values()))
     gguf = pull(model) if model == DEFAULT_MODEL else Path(model)
@@ -264,6 +295,9 @@ def run_compare(args: argparse.Namespace) -> int:
         first = (first * args.streams)[:args.streams]
         for suffix, many in tqdm(batched.items(), desc="streams"):
             streams[suffix.strip() or "default"] = aggregate_otps(many, first, 48, max(args.repeats, 2))
+    first_ids = loaded.tokenizer.encode(render_prompt(parse_messages_request(
+        {"model": model, "max_tokens": 1, **items[0]}, "2023-06-01"), template))
+    costs = {suffix: pass_times(first_ids, 7) for suffix, pass_times in passes.items()}
     bandwidth = read_bandwidth_gbs(args.threads)
     table = summarize(runs, names)
     configs = {}
@@ -276,6 +310,8 @@ def run_compare(args: argparse.Namespace) -> int:
             "weights": "native quantized kernels" if lm.model.native else "float32 in torch",
             "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
             "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
+            "pass_context": len(first_ids), "pass_ms": {r: t * 1e3 for r, t in costs[suffix].items()},
+            "perfect_draft_ceiling": max(r * costs[suffix][1] / t for r, t in costs[suffix].items()),
             "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
     anchors = {}
     for suffix in weights:
@@ -345,6 +381,14 @@ def markdown(report: dict[str, Any], names: list[str]) -> str:
         lines.append(f"- fastmode {label} ({c['weights']}): {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
                      f"decode step, so the standard lane streams {c['decode_bandwidth_gbs']:.1f} GB/s; fast / "
                      f"standard: {ratios}; greedy outputs identical between the lanes: {same}/{pairs}.")
+    for label, c in report["configs"].items():
+        if "pass_ms" in c:
+            one = c["pass_ms"][1]
+            costs = ", ".join(f"{r} rows {t / one:.2f}" for r, t in c["pass_ms"].items())
+            lines.append(f"- fastmode {label}: a decode pass at {c['pass_context']} tokens of context takes "
+                         f"{one:.1f} ms for 1 row; relative to it, {costs}. So with every draft accepted the "
+                         f"fast lane could reach at most {c['perfect_draft_ceiling']:.2f}x the standard lane on "
+                         f"this machine (rows / relative pass time, at best).")
     for label, st in report.get("streams", {}).items():
         lines.append(f"- fastmode {label}, standard lane, {st['streams']} streams at once: {st['many']:.1f} tok/s "
                      f"aggregate against {st['one']:.1f} tok/s for one stream ({st['ratio']:.2f}x; 48 tokens each, "

@@ -27,9 +27,10 @@
 #endif
 
 #define QK 32
-#define PARALLEL_MIN_BLOCKS 8192 /* weight-block dot products below which a matmul stays serial */
-#define PARALLEL_MIN_ATTN 131072 /* multiply-adds below which attention stays serial */
-#define PREFETCH_BYTES 2048      /* how far ahead of use the weight stream is prefetched */
+#define PARALLEL_MIN_BLOCKS 8192   /* weight-block dot products below which a matmul stays serial */
+#define PARALLEL_MIN_ATTN 131072   /* multiply-adds below which attention stays serial */
+#define PREFETCH_BYTES 2048        /* how far ahead of use the weight stream is prefetched */
+#define QUANTIZE_PARALLEL_MIN 4096 /* x values (rows x K) below which their prologue and quantization stay serial */
 #define Q4_1_BYTES 20 /* f16 d, f16 m, 16 bytes of nibbles */
 #define Q8_0_BYTES 34 /* f16 d, 32 int8 */
 
@@ -130,6 +131,35 @@ static inline float hsum8(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* e^x for x <= 88 (softmax after subtracting the maximum; SwiGLU), 8 at a time: x = n ln2 + r with
+ * |r| <= ln2/2, e^r by its Taylor polynomial to degree 7 (relative error < 2e-8 before
+ * rounding), scaled by 2^n through the exponent bits; below -87 the result is 0. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* silu(g) * u = g / (1 + e^-g) * u, 8 at a time (e^-g capped at e^88: the quotient is then 0) */
+static inline __m256 swiglu8(__m256 g, __m256 u) {
+    const __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.0f)));
+    return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
 static inline __m256i q4_unpack(const uint8_t *qs) {
@@ -261,9 +291,23 @@ static inline __attribute__((always_inline)) void dot_rows_n(int type, const uin
  * nibble bytes (values 4c..4c+3 low, 16+4c..16+4c+3 high); Q8_0 chunk c (c < 8) holds values
  * 4c..4c+3 of each row. Then lane j of every vector belongs to output row j: no horizontal
  * sums, and each output's operations do not depend on M or on the other rows. */
+/* The x operand of the R8 tiles, pre-broadcast: per row and block, its 8 chunks of 4 int8 values
+ * (values 4j..4j+3 for chunk j), each repeated over the 8 output rows' lanes (32 bytes), so the
+ * tiles read each chunk as one vector load instead of broadcasting it once per weight tile. */
+#define XW_BLOCK (8 * 32)
+#define XCHUNK(xb, j) _mm256_loadu_si256((const __m256i *)((xb) + 32 * (j)))
+
+static void broadcast_chunks(const int8_t *xq, int64_t blocks, int8_t *xw) {
+    for (int64_t i = 0; i < blocks * 8; i++) {
+        int32_t a;
+        memcpy(&a, xq + 4 * i, 4);
+        _mm256_storeu_si256((__m256i *)(xw + 32 * i), _mm256_set1_epi32(a));
+    }
+}
+
 /* x rows m0 .. m0 + nx - 1 (nx <= R, a constant in each inlined copy: sums stay in registers) */
 static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_t *w, int64_t nb, int64_t m0,
-                                                           const int nx, const int8_t *xq, const float *xd,
+                                                           const int nx, const int8_t *xw, const float *xd,
                                                            const float *xs, float *dst, int64_t N, int64_t n0) {
     const int64_t bbytes = GROUP * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
     const __m256i lo = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -288,14 +332,11 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
                 }
                 for (int r = 0; r < nx; r++) {
                     const int64_t row = m0 + r;
-                    const int8_t *xb = xq + (row * nb + b) * QK;
+                    const int8_t *xb = xw + (row * nb + b) * XW_BLOCK;
                     __m256i s16 = _mm256_setzero_si256(); /* at most 8 x 3810: fits int16 */
                     for (int c = 0; c < 4; c++) {
-                        int32_t a, h;
-                        memcpy(&a, xb + 4 * c, 4);
-                        memcpy(&h, xb + 16 + 4 * c, 4);
-                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(vl[c], _mm256_set1_epi32(a)));
-                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(vh[c], _mm256_set1_epi32(h)));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(vl[c], XCHUNK(xb, c)));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(vh[c], XCHUNK(xb, 4 + c)));
                     }
                     const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xd[row * nb + b]));
                     acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones)), acc[r]);
@@ -306,12 +347,10 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
                 for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_si256((const __m256i *)(wb + 16 + 32 * c));
                 for (int r = 0; r < nx; r++) {
                     const int64_t row = m0 + r;
-                    const int8_t *xb = xq + (row * nb + b) * QK;
+                    const int8_t *xb = xw + (row * nb + b) * XW_BLOCK;
                     __m256i s32 = _mm256_setzero_si256();
                     for (int c = 0; c < 8; c++) {
-                        int32_t a;
-                        memcpy(&a, xb + 4 * c, 4);
-                        const __m256i xv = _mm256_set1_epi32(a);
+                        const __m256i xv = XCHUNK(xb, c);
                         s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(
                             _mm256_maddubs_epi16(_mm256_sign_epi8(v[c], v[c]), _mm256_sign_epi8(xv, v[c])), ones));
                     }
@@ -326,15 +365,15 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
     }
 }
 
-static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xq, const float *xd,
+static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xw, const float *xd,
                      const float *xs, float *dst, int64_t N, int64_t n0) {
 #define TILES(T)                                                                  \
     for (int64_t m0 = 0; m0 < M; m0 += R) {                                       \
         const int64_t left = M - m0;                                              \
-        if (left >= 4) r8_tile(T, w, nb, m0, 4, xq, xd, xs, dst, N, n0);          \
-        else if (left == 3) r8_tile(T, w, nb, m0, 3, xq, xd, xs, dst, N, n0);     \
-        else if (left == 2) r8_tile(T, w, nb, m0, 2, xq, xd, xs, dst, N, n0);     \
-        else r8_tile(T, w, nb, m0, 1, xq, xd, xs, dst, N, n0);                    \
+        if (left >= 4) r8_tile(T, w, nb, m0, 4, xw, xd, xs, dst, N, n0);          \
+        else if (left == 3) r8_tile(T, w, nb, m0, 3, xw, xd, xs, dst, N, n0);     \
+        else if (left == 2) r8_tile(T, w, nb, m0, 2, xw, xd, xs, dst, N, n0);     \
+        else r8_tile(T, w, nb, m0, 1, xw, xd, xs, dst, N, n0);                    \
     }
     if (type == FM_Q4_1) { TILES(FM_Q4_1) } else { TILES(FM_Q8_0) }
 #undef TILES
@@ -378,7 +417,12 @@ static void prologue_row(int prologue, const float *x, int64_t K, const float *p
         const float scale = 1.0f / sqrtf(ss / (float)K + eps);
         for (int64_t j = 0; j < K; j++) out[j] = x[j] * scale * pw[j];
     } else { /* PRO_SWIGLU */
-        for (int64_t j = 0; j < K; j++) {
+        int64_t j0 = 0;
+#ifdef FM_AVX2
+        for (; j0 + 8 <= K; j0 += 8)
+            _mm256_storeu_ps(out + j0, swiglu8(_mm256_loadu_ps(x + j0), _mm256_loadu_ps(x + K + j0)));
+#endif
+        for (int64_t j = j0; j < K; j++) {
             const float g = x[j];
             out[j] = g / (1.0f + expf(-g)) * x[K + j];
         }
@@ -399,10 +443,17 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     if (!xbuf) return -2;
     int8_t *xq = (int8_t *)xbuf;
     float *xd = (float *)(xbuf + M * nb * QK), *xs = xd + M * nb;
+    int8_t *xw = NULL; /* the R8 tiles' pre-broadcast x (AVX2, N % 8 == 0) */
+#ifdef FM_AVX2
+    if (fm_row_interleaved(N)) {
+        xw = (int8_t *)malloc((size_t)(M * nb) * XW_BLOCK);
+        if (!xw) { free(xbuf); return -2; }
+    }
+#endif
     if (nthreads < 1) nthreads = 1;
     int failed = 0;
     /* quantize the activations (row by row: a row's blocks depend only on that row) */
-#pragma omp parallel num_threads(nthreads) if (M > 8)
+#pragma omp parallel num_threads(nthreads) if (M > 1 && M * K >= QUANTIZE_PARALLEL_MIN)
     {
         float *tmp = prologue != PRO_NONE ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
         if (prologue != PRO_NONE && !tmp) failed = 1;
@@ -414,10 +465,13 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
                 prologue_row(prologue, x + m * x_stride, K, pw, eps, tmp);
                 quantize_row(tmp, K, xq + m * nb * QK, xd + m * nb, xs + m * nb);
             }
+#ifdef FM_AVX2
+            if (xw && (prologue == PRO_NONE || tmp)) broadcast_chunks(xq + m * nb * QK, nb, xw + m * nb * XW_BLOCK);
+#endif
         }
         free(tmp);
     }
-    if (failed) { free(xbuf); return -2; }
+    if (failed) { free(xw); free(xbuf); return -2; }
     /* tiles of output columns: a tile's weight rows stay in cache while every x row passes */
     const int64_t tile = 16;
     const int64_t ntiles = (N + tile - 1) / tile;
@@ -425,7 +479,7 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     float *scratch = NULL;
     if (accumulate) { /* dot products land in scratch, then add to y row by row, in one order */
         scratch = (float *)malloc((size_t)(M * N) * sizeof(float));
-        if (!scratch) { free(xbuf); return -2; }
+        if (!scratch) { free(xw); free(xbuf); return -2; }
         dst = scratch;
     }
     /* small products run on one thread: a fork and join costs more than they do */
@@ -434,9 +488,9 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
         const int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
         int64_t m = 0;
 #ifdef FM_AVX2
-        if (fm_row_interleaved(N)) {
+        if (xw) {
             for (int64_t g0 = n0; g0 < n1; g0 += GROUP)
-                r8_group(type, w + g0 * row_bytes, nb, M, xq, xd, xs, dst, N, g0);
+                r8_group(type, w + g0 * row_bytes, nb, M, xw, xd, xs, dst, N, g0);
             m = M; /* done */
         }
 #endif
@@ -460,6 +514,7 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
                 for (int64_t n = n0; n < n1; n++) y[mm * N + n] += scratch[mm * N + n];
     }
     free(scratch);
+    free(xw);
     free(xbuf);
     return 0;
 }
@@ -501,29 +556,6 @@ int fm_rope_store(float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_
 }
 
 #ifdef FM_AVX2
-/* e^x for x <= 0 (softmax after subtracting the maximum), 8 at a time: x = n ln2 + r with
- * |r| <= ln2/2, e^r by its Taylor polynomial to degree 7 (relative error < 2e-8 before
- * rounding), scaled by 2^n through the exponent bits; below -87 the result is 0. */
-static inline __m256 exp8(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  /* ln2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
 /* The 8 sums of a[0..7]'s lanes, as one vector (lane i: the sum of a[i]); one fixed tree. */
 static inline __m256 hsum8x8(const __m256 *a) {
     const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
