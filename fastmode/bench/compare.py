@@ -423,7 +423,9 @@ llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in
 environment, and Hugging Face transformers (greedy and prompt lookup) when `transformers`,
 `gguf` and `accelerate` are. Every contender runs in one process on the same prompt ids (the
 shipped workload, `fastmode/bench/workloads/dev.jsonl`), greedy, the order rotating from prompt
-to prompt; numbers are medians. Then the standard lane with 8 streams at once against one.
+to prompt; numbers are medians. Then the standard lane with 8 streams at once against one,
+and one decode pass timed by its rows (a token plus drafts, interleaved, medians of 7): what
+verifying drafts costs on the machine, and so the most the fast lane can gain there.
 
 The anchors are not dependencies of fastmode; install them into `.venv` to compare:
 `CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF" .venv/bin/pip install
