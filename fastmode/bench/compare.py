@@ -113,18 +113,18 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
         from fastmode.engine.scheduler import Scheduled
         top = engine.config.max_draft + 1
         rows = sorted({r for r in (1, 2, 3, 4, 6, 8, 12, 16) if r <= top} | {top})
+        got: list[int] = []
         done: list[bool] = []
         rid = f"pass-{time.monotonic_ns()}"
         engine.add(rid, ids, SamplingParams(max_tokens=top + 1), Lane.STANDARD,
-                   lambda d: d.status.finished and done.append(True))
-        engine._drain_inbox()
-        req = engine.requests[rid]
-        while req.in_prefill and not done:  # the prompt, then stop at its first decode position
+                   lambda d: (got.extend(d.token_ids), d.status.finished and done.append(True)))
+        while not got and not done:  # the prompt, then stop at its first decode position
             engine.step()
         if done:
             raise RuntimeError("the pass-cost request finished during its prompt")
+        req = engine.requests[rid]
         times: dict[int, list[float]] = {r: [] for r in rows}
-        draft = req.output_ids[-1] if req.output_ids else ids[-1]
+        draft = got[-1]
         for rep in range(repeats):
             for r in rows if rep % 2 == 0 else rows[::-1]:  # interleaved, alternating direction
                 plan = [Scheduled(req, 1, [draft] * (r - 1))]
@@ -132,7 +132,7 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
                 engine.runner.run(plan)
                 times[r].append(time.perf_counter() - t0)
         engine.abort(rid)
-        engine._drain_inbox()
+        engine.step()  # takes the abort: nothing else is running
         return {r: statistics.median(ts) for r, ts in times.items()}
 
     return ({f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}, loaded,
@@ -384,7 +384,7 @@ def markdown(report: dict[str, Any], names: list[str]) -> str:
     for label, c in report["configs"].items():
         if "pass_ms" in c:
             one = c["pass_ms"][1]
-            costs = ", ".join(f"{r} rows {t / one:.2f}" for r, t in c["pass_ms"].items())
+            costs = ", ".join(f"{r} row{'s' if r > 1 else ''} {t / one:.2f}" for r, t in c["pass_ms"].items())
             lines.append(f"- fastmode {label}: a decode pass at {c['pass_context']} tokens of context takes "
                          f"{one:.1f} ms for 1 row; relative to it, {costs}. So with every draft accepted the "
                          f"fast lane could reach at most {c['perfect_draft_ceiling']:.2f}x the standard lane on "
