@@ -103,3 +103,22 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     text = page.read_text()
     assert "| copy |" in text and "fastmode fast" in text and (page.parent / "compare.png").exists()
     assert "3 streams at once" in text and "could reach at most" in text
+
+
+def test_draft_replay_reads_a_compare_report(tmp_path, capsys):
+    """scripts/draft_replay.py on a real report: the run's own outputs, workload and pass times."""
+    from test_draft_replay import replay_mod
+    wl = tmp_path / "w.jsonl"
+    wl.write_text(json.dumps({"category": "copy", "max_tokens": 16, "messages": [
+        {"role": "user", "content": "Repeat: one two three one two three"}]}))
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--compare", "--model", "tiny-random", "--workload", str(wl), "--threads", "1",
+                     "--native-kernels", "off", "--out", str(tmp_path / "out"), "--streams", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    assert replay_mod.main([str(tmp_path / "out" / "compare.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("default: pass times 1: ") and "ceiling" in lines[0]
+    assert lines[1].startswith("policy: copy ") and lines[2].startswith("perfect draft lengths: copy ")

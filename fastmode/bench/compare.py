@@ -321,7 +321,7 @@ def run_compare(args: argparse.Namespace) -> int:
             if anchor in names:
                 anchors[f"{ours} / {anchor}"] = {cat: row[ours] / row[anchor] for cat, row in table.items()
                                                  if row[anchor] > 0}
-    report = {"machine": machine(args.threads), "model": model, "repeats": args.repeats,
+    report = {"machine": machine(args.threads), "model": model, "workload": args.workload, "repeats": args.repeats,
               "read_bandwidth_gbs": bandwidth, "streams": streams, "anchors": anchors,
               "configs": configs, "table": table, "runs": [asdict(r) for r in runs]}
     out = Path(args.out)
