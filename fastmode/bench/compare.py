@@ -109,7 +109,8 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
     def pass_times(ids: list[int], repeats: int) -> dict[int, float]:
         """Median seconds of one decode pass of a request at this prompt's context, by rows: the
         request's next token plus r - 1 draft tokens, r up to the engine's most (max_draft + 1).
-        What verifying drafts costs on this machine, so what the fast lane can gain at best."""
+        What verifying drafts costs on this machine, so what the fast lane can gain at best.
+        Empty if the request ends at its first token (another prompt is needed then)."""
         from fastmode.engine.scheduler import Scheduled
         top = engine.config.max_draft + 1
         rows = sorted({r for r in (1, 2, 3, 4, 6, 8, 12, 16) if r <= top} | {top})
@@ -121,7 +122,7 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
         while not got and not done:  # the prompt, then stop at its first decode position
             engine.step()
         if done:
-            raise RuntimeError("the pass-cost request finished during its prompt")
+            return {}
         req = engine.requests[rid]
         times: dict[int, list[float]] = {r: [] for r in rows}
         draft = got[-1]
@@ -295,9 +296,15 @@ def run_compare(args: argparse.Namespace) -> int:
         first = (first * args.streams)[:args.streams]
         for suffix, many in tqdm(batched.items(), desc="streams"):
             streams[suffix.strip() or "default"] = aggregate_otps(many, first, 48, max(args.repeats, 2))
-    first_ids = loaded.tokenizer.encode(render_prompt(parse_messages_request(
-        {"model": model, "max_tokens": 1, **items[0]}, "2023-06-01"), template))
-    costs = {suffix: pass_times(first_ids, 7) for suffix, pass_times in passes.items()}
+    costs: dict[str, dict[int, float]] = {}  # suffix -> pass seconds by rows
+    contexts: dict[str, int] = {}
+    for suffix, pass_times in passes.items():
+        for item in items:  # the first prompt whose answer does not end at its first token
+            ids = loaded.tokenizer.encode(render_prompt(parse_messages_request(
+                {"model": model, "max_tokens": 1, **item}, "2023-06-01"), template))
+            if times := pass_times(ids, 7):
+                costs[suffix], contexts[suffix] = times, len(ids)
+                break
     bandwidth = read_bandwidth_gbs(args.threads)
     table = summarize(runs, names)
     configs = {}
@@ -310,9 +317,11 @@ def run_compare(args: argparse.Namespace) -> int:
             "weights": "native quantized kernels" if lm.model.native else "float32 in torch",
             "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
             "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
-            "pass_context": len(first_ids), "pass_ms": {r: t * 1e3 for r, t in costs[suffix].items()},
-            "perfect_draft_ceiling": max(r * costs[suffix][1] / t for r, t in costs[suffix].items()),
             "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
+        if suffix in costs:
+            configs[suffix.strip() or "default"].update({
+                "pass_context": contexts[suffix], "pass_ms": {r: t * 1e3 for r, t in costs[suffix].items()},
+                "perfect_draft_ceiling": max(r * costs[suffix][1] / t for r, t in costs[suffix].items())})
     anchors = {}
     for suffix in weights:
         fast, std = f"fastmode fast{suffix}", f"fastmode standard{suffix}"
