@@ -93,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", default=None, help="the workload the run used (default: the report's)")
     args = p.parse_args(argv)
 
+    from fastmode.bench.compare import prompt_ids
     from fastmode.bench.runner import WORKLOADS, load_workload
-    from fastmode.server.prompt import render_prompt
-    from fastmode.server.validate import parse_messages_request
-    from fastmode.tokenizer.chat_template import ChatTemplate
     from fastmode.weights.registry import load_model
 
     report = json.loads(Path(args.report).read_text())
@@ -108,16 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.config == "default" else f" {args.config}"
     cost = interpolate({int(r): t for r, t in config["pass_ms"].items()})
     tokenizer = load_model(report["model"], native_kernels=False).tokenizer
-    template = ChatTemplate(tokenizer.chat_template)
     items = load_workload(args.workload or report.get("workload") or str(WORKLOADS / "dev.jsonl"), None)
-    runs = [r for r in report["runs"] if r["contender"] == f"fastmode standard{suffix}" and r["repeat"] == 0]
-    prompts, outputs, cats = [], [], []
-    for run in sorted(runs, key=lambda r: r["prompt"]):
-        req = parse_messages_request({"model": report["model"], "max_tokens": 1, **items[run["prompt"]]},
-                                     "2023-06-01")
-        prompts.append(tokenizer.encode(render_prompt(req, template)))
-        outputs.append(run["tokens"])
-        cats.append(run["category"])
+    runs = sorted((r for r in report["runs"] if r["contender"] == f"fastmode standard{suffix}" and r["repeat"] == 0),
+                  key=lambda r: r["prompt"])
+    prompts = prompt_ids(tokenizer, report["model"], [items[r["prompt"]] for r in runs])
+    outputs = [r["tokens"] for r in runs]
+    cats = [r["category"] for r in runs]
     max_draft = EngineConfig().max_draft
     ceiling = max(r * cost(1) / cost(r) for r in range(1, max_draft + 2))
     print(f"{args.config}: pass times {', '.join(f'{r}: {t:.1f} ms' for r, t in config['pass_ms'].items())}; "

@@ -251,10 +251,18 @@ def read_bandwidth_gbs(threads: int) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def prompt_ids(tokenizer: Any, model: str, items: list[dict[str, Any]]) -> list[list[int]]:
+    """The token ids of workload items' prompts, as the server would render them for `model`."""
     from fastmode.server.prompt import render_prompt
     from fastmode.server.validate import parse_messages_request
     from fastmode.tokenizer.chat_template import ChatTemplate
+
+    template = ChatTemplate(tokenizer.chat_template)
+    return [tokenizer.encode(render_prompt(parse_messages_request({"model": model, "max_tokens": 1, **item},
+                                                                  "2023-06-01"), template)) for item in items]
+
+
+def run_compare(args: argparse.Namespace) -> int:
     from fastmode.weights.registry import DEFAULT_MODEL, pull
 
     model = args.model or DEFAULT_MODEL
@@ -273,15 +281,13 @@ def run_compare(args: argparse.Namespace) -> int:
     if gguf.suffix == ".gguf":
         contenders.update(llama_cpp_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
         contenders.update(transformers_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
-    template = ChatTemplate(loaded.tokenizer.chat_template)
     items = load_workload(args.workload, args.categories)
+    prompts = prompt_ids(loaded.tokenizer, model, items)
     names = list(contenders)
     runs: list[Run] = []
     bar = tqdm(total=len(items) * args.repeats * len(names), desc="compare", unit="run")
     for rep in range(args.repeats):
-        for i, item in enumerate(items):
-            req = parse_messages_request({"model": model, "max_tokens": 1, **item}, "2023-06-01")
-            ids = loaded.tokenizer.encode(render_prompt(req, template))
+        for i, (item, ids) in enumerate(zip(items, prompts)):
             max_tokens = args.max_tokens or item.get("max_tokens", 256)
             k = (rep * len(items) + i) % len(names)
             for name in names[k:] + names[:k]:  # rotate who goes first
@@ -291,17 +297,13 @@ def run_compare(args: argparse.Namespace) -> int:
     bar.close()
     streams = {}
     if args.streams > 1:  # the standard lane's batching: N prompts at once against one at a time
-        first = [loaded.tokenizer.encode(render_prompt(parse_messages_request(
-            {"model": model, "max_tokens": 1, **item}, "2023-06-01"), template)) for item in items]
-        first = (first * args.streams)[:args.streams]
+        first = (prompts * args.streams)[:args.streams]
         for suffix, many in tqdm(batched.items(), desc="streams"):
             streams[suffix.strip() or "default"] = aggregate_otps(many, first, 48, max(args.repeats, 2))
     costs: dict[str, dict[int, float]] = {}  # suffix -> pass seconds by rows
     contexts: dict[str, int] = {}
     for suffix, pass_times in passes.items():
-        for item in items:  # the first prompt whose answer does not end at its first token
-            ids = loaded.tokenizer.encode(render_prompt(parse_messages_request(
-                {"model": model, "max_tokens": 1, **item}, "2023-06-01"), template))
+        for ids in prompts:  # the first prompt whose answer does not end at its first token
             if times := pass_times(ids, 7):
                 costs[suffix], contexts[suffix] = times, len(ids)
                 break

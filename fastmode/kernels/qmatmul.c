@@ -285,12 +285,6 @@ static inline __attribute__((always_inline)) void dot_rows_n(int type, const uin
 }
 
 #ifdef FM_AVX2
-/* Row-interleaved layout ("R8", used when N % 8 == 0 on AVX2 builds): 8 weight rows' blocks
- * are stored together, per block index b: 8 f16 d, (Q4_1) 8 f16 m, then the values in 4-byte
- * chunks, chunk-major then row: Q4_1 chunk c (c < 4) holds bytes 4c..4c+3 of each row's 16
- * nibble bytes (values 4c..4c+3 low, 16+4c..16+4c+3 high); Q8_0 chunk c (c < 8) holds values
- * 4c..4c+3 of each row. Then lane j of every vector belongs to output row j: no horizontal
- * sums, and each output's operations do not depend on M or on the other rows. */
 /* The x operand of the R8 tiles, pre-broadcast: per row and block, its 8 chunks of 4 int8 values
  * (values 4j..4j+3 for chunk j), each repeated over the 8 output rows' lanes (32 bytes), so the
  * tiles read each chunk as one vector load instead of broadcasting it once per weight tile. */
@@ -305,6 +299,12 @@ static void broadcast_chunks(const int8_t *xq, int64_t blocks, int8_t *xw) {
     }
 }
 
+/* Row-interleaved layout ("R8", used when N % 8 == 0 on AVX2 builds): 8 weight rows' blocks
+ * are stored together, per block index b: 8 f16 d, (Q4_1) 8 f16 m, then the values in 4-byte
+ * chunks, chunk-major then row: Q4_1 chunk c (c < 4) holds bytes 4c..4c+3 of each row's 16
+ * nibble bytes (values 4c..4c+3 low, 16+4c..16+4c+3 high); Q8_0 chunk c (c < 8) holds values
+ * 4c..4c+3 of each row. Then lane j of every vector belongs to output row j: no horizontal
+ * sums, and each output's operations do not depend on M or on the other rows. */
 /* x rows m0 .. m0 + nx - 1 (nx <= R, a constant in each inlined copy: sums stay in registers) */
 static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_t *w, int64_t nb, int64_t m0,
                                                            const int nx, const int8_t *xw, const float *xd,
