@@ -8,6 +8,7 @@ import os
 import sqlite3
 import sys
 
+from fastmode.config import DTYPES
 from fastmode.weights.registry import DEFAULT_MODEL
 
 
@@ -28,8 +29,10 @@ def _database(args: argparse.Namespace, server: dict) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
+    from fastmode.engine.engine import resolve_device
     from fastmode.platform.catalog import Catalog
     from fastmode.platform.db import Database
     from fastmode.platform.service import Platform
@@ -46,17 +49,21 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port or int(server.get("port", 8000))
     if settings.models and args.model:
         raise ValueError("--model cannot be combined with a [[models]] catalog; set `weights` in the catalog")
-    overrides = {"num_threads": args.threads, "kv_cache_tokens": args.kv_cache_tokens}
+    overrides = {"num_threads": args.threads, "kv_cache_tokens": args.kv_cache_tokens, "device": args.device,
+                 "dtype": args.dtype}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     weights = ([e.weights for e in settings.models] if settings.models
                else [args.model or server.get("model", DEFAULT_MODEL)])
     loaded = {}
-    native = bool(server.get("native_kernels", True))
+    # the native kernels are the CPU's float32 path; another device or dtype runs torch's
+    native = bool(server.get("native_kernels", True)) and cfg.device == "cpu" and cfg.dtype == "float32"
+    device = resolve_device(cfg.device)  # before loading anything: a missing GPU is said at once
     for w in dict.fromkeys(weights):
         print(f"fastmode: loading {w} ...", file=sys.stderr, flush=True)
         loaded[w] = load_model(w, native_kernels=native)
+        loaded[w].model.place(device, getattr(torch, cfg.dtype))
         how = ("quantized weights on the native kernels" if loaded[w].model.native
-               else "float32 weights in torch")
+               else f"{cfg.dtype} weights in torch on {cfg.device}")
         print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step",
               file=sys.stderr, flush=True)
     db_path = _database(args, server)
@@ -144,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $FASTMODE_DATA/fastmode.db or ~/.local/share/fastmode/fastmode.db)")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, all cores)")
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default 65536)")
+    s.add_argument("--device", default=None, help="cpu (default) or cuda / cuda:N: where the model runs")
+    s.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="weights, activations and KV cache (default float32; the native kernels are CPU float32)")
     s.add_argument("--log-level", default="warning")
     s.set_defaults(func=_serve)
     a = sub.add_parser("accounts", help="organizations and API keys (fast-mode enrollment, zero data retention, "

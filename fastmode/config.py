@@ -61,3 +61,18 @@ class EngineConfig:
     fast: LaneConfig = field(default_factory=lambda: LaneConfig(4, 256, True))
     standard: LaneConfig = field(default_factory=lambda: LaneConfig(32, 256, False))
     seed: int = 0
+    # Where the float path runs and in what precision: "cpu" or "cuda" ("cuda:N"), and
+    # "float32", "bfloat16" or "float16". The native kernels (quantized GGUF weights) are CPU
+    # and float32 only; a model on them stays there.
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        base, _, index = self.device.partition(":") if isinstance(self.device, str) else ("", "", "")
+        if base not in ("cpu", "cuda") or (index and (base == "cpu" or not index.isdigit())):
+            raise ValueError(f"device must be \"cpu\", \"cuda\" or \"cuda:N\", not {self.device!r}")
+
+
+DTYPES = ("float32", "bfloat16", "float16")

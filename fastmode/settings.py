@@ -71,7 +71,7 @@ def load_settings(path: str | Path) -> Settings:
         raise SettingsError(f"{path}: [engine] has unknown setting(s) {', '.join(sorted(unknown))}")
     try:
         cfg = EngineConfig(**engine, **lanes)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise SettingsError(f"{path}: {e}") from e
     models = data.get("models", [])
     if not isinstance(models, list):

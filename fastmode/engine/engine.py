@@ -46,7 +46,9 @@ class Engine:
         self.max_len = model.arch.max_position
         num_blocks = config.kv_cache_tokens // config.block_size
         self.blocks = BlockManager(num_blocks, config.block_size)
-        self.cache = KVCache(model.arch, num_blocks, config.block_size)
+        self.device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
+        model.place(self.device, dtype)
+        self.cache = KVCache(model.arch, num_blocks, config.block_size, self.device, dtype)
         # A lane's pass: its prefill budget (or one aligned chunk, if larger), plus decode rows.
         max_rows = max(max(lane.max_tokens_per_step, config.prefill_chunk)
                        + lane.max_batch * (1 + (config.max_draft if lane.speculate else 0))
@@ -266,6 +268,20 @@ class Engine:
         self.policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
         _emit(r, TokenDelta(r.request_id, new, r.status))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for EngineConfig.device, with its index ("cuda" -> "cuda:0"); an
+    error saying so if this machine has no such device."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this torch build or machine has no CUDA device")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", index)
+    return device
 
 
 def _emit(req: Request, delta: TokenDelta) -> None:

@@ -35,7 +35,7 @@ def invariant_row_counts(weights: list[torch.Tensor], probe_max: int) -> list[in
     g = torch.Generator().manual_seed(0)
     ok = {m for m in PROBES if m < probe_max}
     for w in weights:
-        x = torch.randn(probe_max, w.shape[1], generator=g)
+        x = torch.randn(probe_max, w.shape[1], generator=g).to(w.device, w.dtype)
         ref = F.linear(x, w)
         ok = {m for m in ok if torch.equal(F.linear(x[:m], w), ref[:m])}
     return sorted(ok | {probe_max})
@@ -80,6 +80,7 @@ class Runner:
         `threads`: choose the thread count of passes without prefill rows (only for models
         whose results do not depend on it: the native kernels)."""
         self.model, self.cache, self.blocks = model, cache, blocks
+        self.device = model.device
         self.threads = threads
         self.fixed_threads = torch.get_num_threads()  # for every other pass (the engine has set it)
         # Float matrices run on torch's GEMM, whose rows depend on the batch: pad for them.
@@ -98,12 +99,14 @@ class Runner:
         small = [s for s in self.sizes if s <= 16]
         cost = {}
         for s in small:
-            x = [torch.randn(s, m.shape[1]) for m in mats]
+            x = [torch.randn(s, m.shape[1]).to(m.device, m.dtype) for m in mats]
             F.linear(x[0], mats[0])
+            _sync(self.device)
             t0 = time.perf_counter()
             for _ in range(3):
                 for xi, m in zip(x, mats):
                     F.linear(xi, m)
+            _sync(self.device)
             cost[s] = time.perf_counter() - t0
         return {rows: min((s for s in small if s >= rows), key=lambda s: cost[s])
                 for rows in range(1, max(small, default=0) + 1)}
@@ -178,7 +181,7 @@ class Runner:
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
             decode=None if any(seg.is_prefill for seg in segments) else _decode_rows(segments, total),
         )
-        return batch, ranges
+        return batch.to(self.device), ranges
 
     def run(self, plan: list[Scheduled]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         batch, ranges = self.build(plan)
@@ -188,7 +191,8 @@ class Runner:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        logits = self.model(batch, self.cache)
+        # float32 on the CPU for sampling: on a GPU this copy is the pass's one host sync
+        logits = self.model(batch, self.cache).float().cpu()
         dt = time.perf_counter() - t0
         if decode:  # the draft policy prices decode passes, at the thread count in use
             if self.threads is not None:
@@ -197,6 +201,11 @@ class Runner:
             old = self.step_seconds.get(rows)
             self.step_seconds[rows] = dt if old is None else 0.8 * old + 0.2 * dt
         return logits, ranges
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _decode_rows(segments: list[Segment], total: int) -> DecodeRows:

@@ -1,7 +1,7 @@
 """The tensors one forward pass needs: flat token rows, cache slots, attention segments."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +21,10 @@ class Segment:
     kv_slots: torch.Tensor  # [start_pos + num_rows] int64
     is_prefill: bool
     mask: torch.Tensor | None = None  # [num_rows, start_pos + num_rows] bool, prefill only
+
+    def to(self, device: torch.device) -> Segment:
+        return replace(self, kv_slots=self.kv_slots.to(device),
+                       mask=None if self.mask is None else self.mask.to(device))
 
 
 @dataclass
@@ -46,3 +50,11 @@ class ForwardBatch:
     segments: list[Segment]
     logit_rows: torch.Tensor  # [R] int64, rows whose logits are returned (may repeat for padding)
     decode: DecodeRows | None = None  # set when no row of the pass is a prefill row
+
+    def to(self, device: torch.device) -> ForwardBatch:
+        """This batch with its tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == device:
+            return self
+        return ForwardBatch(self.input_ids.to(device), self.positions.to(device), self.slot_mapping.to(device),
+                            self.num_real, [seg.to(device) for seg in self.segments], self.logit_rows.to(device),
+                            None if self.decode is None else DecodeRows(*(t.to(device) for t in self.decode.tensors)))

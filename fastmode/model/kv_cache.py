@@ -7,12 +7,13 @@ from fastmode.config import ModelArch
 
 
 class KVCache:
-    def __init__(self, arch: ModelArch, num_blocks: int, block_size: int) -> None:
+    def __init__(self, arch: ModelArch, num_blocks: int, block_size: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (arch.num_layers, num_blocks * block_size, arch.num_kv_heads, arch.head_dim)
         # Zero-filled: unwritten slots are never read, but must never hold NaN either.
-        self.k = torch.zeros(shape)  # [layers, slots, kv_heads, head_dim]
-        self.v = torch.zeros(shape)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, slots, kv_heads, head_dim]
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)
@@ -22,5 +23,5 @@ class KVCache:
         return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
 
     @staticmethod
-    def bytes_per_token(arch: ModelArch) -> int:
-        return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 4
+    def bytes_per_token(arch: ModelArch, dtype: torch.dtype = torch.float32) -> int:
+        return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * dtype.itemsize

