@@ -90,10 +90,3 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         engine_on("cuda", "bfloat16")
 
-
-def test_native_model_stays_on_the_cpu_in_float32(tiny_q4):
-    with pytest.raises(ValueError, match="native kernels runs on the CPU in float32"):
-        tiny_q4.model.place(torch.device("cpu"), torch.bfloat16)
-    with pytest.raises(ValueError, match="load it without native kernels"):
-        tiny_q4.model.place(torch.device("cuda", 0), torch.float32)
-    assert next(tiny_q4.model.parameters()).dtype == torch.float32

@@ -330,3 +330,27 @@ def test_native_lanes_agree_while_the_thread_count_changes_every_pass(make_q4_en
     assert {t for t, _ in chooser.seconds} == {1, 2}
     reference = make_q4_engine(num_threads=2)
     assert test_engine.run(reference, ps, test_engine.Lane.STANDARD)[0] == std
+
+
+def test_native_model_stays_on_the_cpu_in_float32(tiny_q4):
+    """Engine placement: the native kernels are the CPU's float32 path."""
+    with pytest.raises(ValueError, match="native kernels runs on the CPU in float32"):
+        tiny_q4.model.place(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match="load it without native kernels"):
+        tiny_q4.model.place(torch.device("cuda", 0), torch.float32)
+    assert next(tiny_q4.model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, kind, tmp_path):
+    """Where the CPU has AVX-512 VNNI the tiles use it; their integer sums are exact, so every
+    output equals the AVX2 build's bit for bit (results do not depend on the ISA path)."""
+    if not lib.fm_has_vnni512():
+        pytest.skip("this CPU has no AVX-512 VNNI: there is one path only")
+    avx2 = kernels.build_with(["-mno-avx512f"], tmp_path)
+    assert avx2 is not None and avx2.fm_has_avx2() and not avx2.fm_has_vnni512()
+    wtype, raw, _ = blocks(kind, 64, 1536, seed=3)  # 48 blocks a row; weights of both signs in Q8_0
+    x = torch.randn(9, 1536) * torch.linspace(0.01, 30.0, 1536)  # small and large activation blocks
+    for m in (1, 4, 9):
+        assert torch.equal(kernels.matmul(lib, wtype, raw, 64, 1536, x[:m]),
+                           kernels.matmul(avx2, wtype, raw, 64, 1536, x[:m])), m

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 from tqdm import tqdm
 
 from fastmode.bench.runner import WORKLOADS, load_workload
+from fastmode.config import DTYPES
 
 
 @dataclass
@@ -43,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--native-kernels", choices=("on", "off", "both"), default="both",
                    help="--compare: fastmode on its native quantized kernels (on, the server's default), on "
                         "float32 weights (off), or both side by side")
+    p.add_argument("--device", default="cpu",
+                   help="--compare: run fastmode's float path on this device (cuda, cuda:N); on a GPU the CPU "
+                        "anchors and the native kernels are left out")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="--compare: the float path's precision (default float32 on the CPU, bfloat16 on a GPU)")
 
 
 def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]:
@@ -61,7 +67,8 @@ def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]
     return first - t0, (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0, out
 
 
-def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str = "") -> tuple[
+def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str = "", device: str = "cpu",
+                        dtype: str = "float32") -> tuple[
         dict[str, Generate], Any, Callable[[list[list[int]], int], float], Callable[[list[int], int], dict[int, float]]]:
     import torch
 
@@ -71,7 +78,8 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
     from fastmode.weights.registry import load_model
 
     loaded = load_model(model_name, native_kernels=native)
-    engine = Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384), loaded.tokenizer.eos_ids)
+    engine = Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384, device=device, dtype=dtype),
+                    loaded.tokenizer.eos_ids)
     torch.set_num_threads(threads or torch.get_num_threads())
 
     def lane(which: Lane) -> Generate:
@@ -238,15 +246,18 @@ def aggregate_otps(generate_many: Callable[[list[list[int]], int], float], promp
             "ratio": statistics.median(many) / statistics.median(one)}
 
 
-def read_bandwidth_gbs(threads: int) -> float:
-    """Memory read bandwidth: the best of several sums over a 512 MB buffer, in GB/s."""
+def read_bandwidth_gbs(threads: int, device: str = "cpu") -> float:
+    """Memory read bandwidth: the best of several sums over a 512 MB buffer (2 GB on a GPU), in GB/s."""
     import torch
     torch.set_num_threads(threads or torch.get_num_threads())
-    x = torch.ones(128 * 1024 * 1024)
+    gpu = torch.device(device).type == "cuda"
+    x = torch.ones((512 if gpu else 128) * 1024 * 1024, device=device)
     best = float("inf")
     for _ in range(5):
+        if gpu:
+            torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
-        x.sum()
+        x.sum().item()  # .item() waits for a GPU
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
 
@@ -270,15 +281,19 @@ def run_compare(args: argparse.Namespace) -> int:
     weights: dict[str, Any] = {}  # configuration suffix -> the loaded model
     batched: dict[str, Callable[[list[list[int]], int], float]] = {}  # suffix -> N streams at once
     passes: dict[str, Callable[[list[int], int], dict[int, float]]] = {}  # suffix -> pass time by rows
-    for native in {"on": [True], "off": [False], "both": [True, False]}[args.native_kernels]:
+    on_cpu = args.device == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    # the native kernels are the CPU's float32 path; elsewhere only torch's float path runs
+    kinds = {"on": [True], "off": [False], "both": [True, False]}[args.native_kernels] if on_cpu else [False]
+    for native in kinds:
         # the server's default configuration keeps the plain names
-        suffix = " float32" if not native and args.native_kernels == "both" else ""
-        more, weights[suffix], batched[suffix], passes[suffix] = fastmode_contenders(model, args.threads, native,
-                                                                                     suffix)
+        suffix = f" {dtype}" if not native and len(kinds) > 1 else ""
+        more, weights[suffix], batched[suffix], passes[suffix] = fastmode_contenders(
+            model, args.threads, native, suffix, args.device, "float32" if native else dtype)
         contenders.update(more)
     loaded = next(iter(weights.values()))
     gguf = pull(model) if model == DEFAULT_MODEL else Path(model)
-    if gguf.suffix == ".gguf":
+    if gguf.suffix == ".gguf" and on_cpu:  # the anchors run on the CPU
         contenders.update(llama_cpp_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
         contenders.update(transformers_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
     items = load_workload(args.workload, args.categories)
@@ -307,7 +322,7 @@ def run_compare(args: argparse.Namespace) -> int:
             if times := pass_times(ids, 7):
                 costs[suffix], contexts[suffix] = times, len(ids)
                 break
-    bandwidth = read_bandwidth_gbs(args.threads)
+    bandwidth = read_bandwidth_gbs(args.threads, args.device)
     table = summarize(runs, names)
     configs = {}
     for suffix, lm in weights.items():
@@ -316,7 +331,9 @@ def run_compare(args: argparse.Namespace) -> int:
                    if b.contender == std and (a.prompt, a.repeat) == (b.prompt, b.repeat) and a.tokens == b.tokens)
         std_otps = statistics.median(r.otps for r in runs if r.contender == std)
         configs[suffix.strip() or "default"] = {
-            "weights": "native quantized kernels" if lm.model.native else "float32 in torch",
+            "weights": ("native quantized kernels" if lm.model.native else
+                        f"{str(next(lm.model.parameters()).dtype).removeprefix('torch.')} in torch"
+                        + ("" if lm.model.device.type == "cpu" else f" on {lm.model.device}")),
             "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
             "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
             "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
@@ -332,7 +349,7 @@ def run_compare(args: argparse.Namespace) -> int:
             if anchor in names:
                 anchors[f"{ours} / {anchor}"] = {cat: row[ours] / row[anchor] for cat, row in table.items()
                                                  if row[anchor] > 0}
-    report = {"machine": machine(args.threads), "model": model, "workload": args.workload, "repeats": args.repeats,
+    report = {"machine": machine(args.threads, args.device), "model": model, "workload": args.workload, "repeats": args.repeats,
               "read_bandwidth_gbs": bandwidth, "streams": streams, "anchors": anchors,
               "configs": configs, "table": table, "runs": [asdict(r) for r in runs]}
     out = Path(args.out)
@@ -363,7 +380,7 @@ def summarize(runs: list[Run], names: list[str]) -> dict[str, dict[str, float]]:
     return table
 
 
-def machine(threads: int) -> str:
+def machine(threads: int, device: str = "cpu") -> str:
     import torch
     cpu = platform.processor() or platform.machine()
     try:
@@ -372,7 +389,9 @@ def machine(threads: int) -> str:
     except (OSError, StopIteration):
         pass
     import os
-    return f"{cpu}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} threads, torch {torch.__version__}"
+    gpu = f"{torch.cuda.get_device_name(torch.device(device))} ({device}), " if device != "cpu" else ""
+    return (f"{gpu}{cpu}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}")
 
 
 def markdown(report: dict[str, Any], names: list[str]) -> str:

@@ -104,24 +104,47 @@ def load() -> ctypes.CDLL | None:
             log.warning("no C compiler found: quantized weights are dequantized to float32 (slower)")
             return None
         try:
-            lib = ctypes.CDLL(str(_build(cc)))
+            lib = _declare(ctypes.CDLL(str(_build(cc))))
         except (KernelError, OSError) as e:
             log.warning("%s; quantized weights are dequantized to float32 (slower)", e)
             return None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.fm_linear.restype = lib.fm_rope_store.restype = lib.fm_attn_rows.restype = ctypes.c_int
-        lib.fm_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
-                                  ctypes.c_float, ctypes.c_int]
-        lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64]
-        lib.fm_attn_rows.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
-                                     ctypes.c_int]
-        lib.fm_blocks.restype = ctypes.c_int
-        lib.fm_blocks.argtypes = [ptr, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64, ptr, ptr, ptr, ptr, i64,
-                                  ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
-        lib.fm_has_avx2.restype = lib.fm_row_interleaved.restype = ctypes.c_int
-        lib.fm_row_interleaved.argtypes = [i64]
         _lib = lib
         return lib
+
+
+def build_with(extra_flags: list[str], folder: Path) -> ctypes.CDLL | None:
+    """This source built into `folder` with the first flag set plus `extra_flags` (e.g.
+    ["-mno-avx512f"]: another instruction-set path of the same kernels, for comparing them);
+    None if that does not build or load. Never cached or used by `load`."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    out = folder / "qmatmul-variant.so"
+    r = subprocess.run([cc, *_FLAG_SETS[0], *extra_flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    try:
+        return _declare(ctypes.CDLL(str(out)))
+    except OSError:
+        return None
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Set the C signatures of the library's entry points; returns it."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.fm_linear.restype = lib.fm_rope_store.restype = lib.fm_attn_rows.restype = ctypes.c_int
+    lib.fm_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
+                              ctypes.c_float, ctypes.c_int]
+    lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64]
+    lib.fm_attn_rows.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
+                                 ctypes.c_int]
+    lib.fm_blocks.restype = ctypes.c_int
+    lib.fm_blocks.argtypes = [ptr, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64, ptr, ptr, ptr, ptr, i64,
+                              ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.fm_has_avx2.restype = lib.fm_has_vnni512.restype = lib.fm_row_interleaved.restype = ctypes.c_int
+    lib.fm_row_interleaved.argtypes = [i64]
+    return lib
 
 
 PRO_NONE, PRO_RMSNORM, PRO_SWIGLU = 0, 1, 2  # what a linear layer does to its input first
