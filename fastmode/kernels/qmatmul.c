@@ -627,89 +627,127 @@ static inline __m256 hsum8x8(const __m256 *a) {
 }
 #endif
 
-/* One query head over n keys at cache slots sl[0..n) (k, v rows `stride` floats apart, this
- * head's part at offset `off`); p: n floats of scratch; o: head_dim outputs. The operations
- * depend only on this query, its keys and n. */
-static void attend_head(const float *qh, const float *k, const float *v, const int64_t *sl, int64_t n,
-                        int64_t stride, int64_t off, int64_t head_dim, float scale, float *p, float *o) {
+#define ATTN_Q 3 /* query heads of one row sharing a kv head that read its keys together */
+
+/* Query heads qh[0..nq) of one row over the same n keys at cache slots sl[0..n) (k, v rows
+ * `stride` floats apart, their kv head's part at offset `off`); p[i]: n + 8 floats of scratch;
+ * o[i]: head_dim outputs. Each key and value vector is loaded once for all nq heads, and each
+ * head's operations are the same as with nq = 1: they depend only on that query, its keys and n. */
+static inline __attribute__((always_inline)) void attend_heads_n(const int nq, const float *const *qh,
+                                                                  const float *k, const float *v,
+                                                                  const int64_t *sl, int64_t n, int64_t stride,
+                                                                  int64_t off, int64_t head_dim, float scale,
+                                                                  float *const *p, float *const *o) {
 #ifdef FM_AVX2
     /* scores, 8 keys at a time (missing keys of the last 8 are zero vectors, never read) */
-    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    __m256 vmax[ATTN_Q];
+    for (int h = 0; h < nq; h++) vmax[h] = _mm256_set1_ps(-INFINITY);
     for (int64_t i0 = 0; i0 < n; i0 += 8) {
         const int nk = n - i0 < 8 ? (int)(n - i0) : 8;
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-        for (int j = 0; j < nk; j++) {
-            const float *kh = k + sl[i0 + j] * stride + off;
-            for (int64_t e = 0; e < head_dim; e += 8)
-                acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), _mm256_loadu_ps(kh + e), acc[j]);
+        __m256 acc[ATTN_Q][8];
+        for (int h = 0; h < nq; h++)
+            for (int j = 0; j < 8; j++) acc[h][j] = _mm256_setzero_ps();
+        const float *kh[8];
+        for (int j = 0; j < nk; j++) kh[j] = k + sl[i0 + j] * stride + off;
+        /* each (head, key) sum runs over e in order; keys and heads interleave for throughput */
+        for (int64_t e = 0; e < head_dim; e += 8) {
+            __m256 qv[ATTN_Q];
+            for (int h = 0; h < nq; h++) qv[h] = _mm256_loadu_ps(qh[h] + e);
+            for (int j = 0; j < nk; j++) {
+                const __m256 kv = _mm256_loadu_ps(kh[j] + e);
+                for (int h = 0; h < nq; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
+            }
         }
-        const __m256 s = _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale));
-        if (nk == 8) {
-            _mm256_storeu_ps(p + i0, s);
-            vmax = _mm256_max_ps(vmax, s);
-        } else {
+        for (int h = 0; h < nq; h++) {
+            const __m256 s = _mm256_mul_ps(hsum8x8(acc[h]), _mm256_set1_ps(scale));
+            if (nk == 8) {
+                _mm256_storeu_ps(p[h] + i0, s);
+                vmax[h] = _mm256_max_ps(vmax[h], s);
+            } else {
+                float tmp[8];
+                _mm256_storeu_ps(tmp, s);
+                for (int j = 0; j < nk; j++) { p[h][i0 + j] = tmp[j]; }
+                for (int j = nk; j < 8; j++) tmp[j] = -INFINITY;
+                vmax[h] = _mm256_max_ps(vmax[h], _mm256_loadu_ps(tmp));
+            }
+        }
+    }
+    float inv[ATTN_Q];
+    for (int h = 0; h < nq; h++) {
+        float mx8[8];
+        _mm256_storeu_ps(mx8, vmax[h]);
+        float mx = mx8[0];
+        for (int j = 1; j < 8; j++) mx = mx8[j] > mx ? mx8[j] : mx;
+        /* weights e^(s - max) and their sum (lane sums in one order, then the lanes) */
+        const __m256 vm = _mm256_set1_ps(mx);
+        __m256 vsum = _mm256_setzero_ps();
+        float *ph = p[h];
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(ph + i), vm));
+            _mm256_storeu_ps(ph + i, w);
+            vsum = _mm256_add_ps(vsum, w);
+        }
+        if (i < n) {
             float tmp[8];
-            _mm256_storeu_ps(tmp, s);
-            for (int j = 0; j < nk; j++) { p[i0 + j] = tmp[j]; }
-            for (int j = nk; j < 8; j++) tmp[j] = -INFINITY;
-            vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(tmp));
+            for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? ph[i + j] : -INFINITY;
+            const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(tmp), vm));
+            _mm256_storeu_ps(tmp, w);
+            for (int64_t j = 0; i + j < n; j++) ph[i + j] = tmp[j];
+            vsum = _mm256_add_ps(vsum, w);  /* lanes past n are e^-inf = 0 */
         }
+        inv[h] = 1.0f / hsum8(vsum);
     }
-    float mx8[8];
-    _mm256_storeu_ps(mx8, vmax);
-    float mx = mx8[0];
-    for (int j = 1; j < 8; j++) mx = mx8[j] > mx ? mx8[j] : mx;
-    /* weights e^(s - max) and their sum (lane sums in one order, then the lanes) */
-    const __m256 vm = _mm256_set1_ps(mx);
-    __m256 vsum = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + i), vm));
-        _mm256_storeu_ps(p + i, w);
-        vsum = _mm256_add_ps(vsum, w);
-    }
-    if (i < n) {
-        float tmp[8];
-        for (int j = 0; j < 8; j++) tmp[j] = i + j < n ? p[i + j] : -INFINITY;
-        const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(tmp), vm));
-        _mm256_storeu_ps(tmp, w);
-        for (int64_t j = 0; i + j < n; j++) p[i + j] = tmp[j];
-        vsum = _mm256_add_ps(vsum, w);  /* lanes past n are e^-inf = 0 */
-    }
-    const float inv = 1.0f / hsum8(vsum);
     /* o = sum_i w_i v_i / sum, 64 outputs at a time in registers */
     for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
         const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8;
-        __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+        __m256 acc[ATTN_Q][8];
+        for (int h = 0; h < nq; h++)
+            for (int c = 0; c < 8; c++) acc[h][c] = _mm256_setzero_ps();
         for (int64_t t = 0; t < n; t++) {
             const float *vh = v + sl[t] * stride + off + e0;
-            const __m256 w = _mm256_set1_ps(p[t]);
-            for (int c = 0; c < nv; c++) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vh + 8 * c), acc[c]);
+            __m256 w[ATTN_Q];
+            for (int h = 0; h < nq; h++) w[h] = _mm256_set1_ps(p[h][t]);
+            for (int c = 0; c < nv; c++) {
+                const __m256 vv = _mm256_loadu_ps(vh + 8 * c);
+                for (int h = 0; h < nq; h++) acc[h][c] = _mm256_fmadd_ps(w[h], vv, acc[h][c]);
+            }
         }
-        const __m256 vi = _mm256_set1_ps(inv);
-        for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + e0 + 8 * c, _mm256_mul_ps(acc[c], vi));
+        for (int h = 0; h < nq; h++) {
+            const __m256 vi = _mm256_set1_ps(inv[h]);
+            for (int c = 0; c < nv; c++) _mm256_storeu_ps(o[h] + e0 + 8 * c, _mm256_mul_ps(acc[h][c], vi));
+        }
     }
 #else
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; i++) {
-        const float *kh = k + sl[i] * stride + off;
-        float s = 0.0f;
-        for (int64_t e = 0; e < head_dim; e++) s += qh[e] * kh[e];
-        p[i] = s * scale;
-        mx = p[i] > mx ? p[i] : mx;
+    for (int h = 0; h < nq; h++) {
+        float mx = -INFINITY, *ph = p[h], *oh = o[h];
+        for (int64_t i = 0; i < n; i++) {
+            const float *kh = k + sl[i] * stride + off;
+            float s = 0.0f;
+            for (int64_t e = 0; e < head_dim; e++) s += qh[h][e] * kh[e];
+            ph[i] = s * scale;
+            mx = ph[i] > mx ? ph[i] : mx;
+        }
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) { ph[i] = expf(ph[i] - mx); sum += ph[i]; }
+        const float inv = 1.0f / sum;
+        for (int64_t e = 0; e < head_dim; e++) oh[e] = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const float *vh = v + sl[i] * stride + off;
+            for (int64_t e = 0; e < head_dim; e++) oh[e] += ph[i] * vh[e];
+        }
+        for (int64_t e = 0; e < head_dim; e++) oh[e] *= inv;
     }
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) { p[i] = expf(p[i] - mx); sum += p[i]; }
-    const float inv = 1.0f / sum;
-    for (int64_t e = 0; e < head_dim; e++) o[e] = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        const float *vh = v + sl[i] * stride + off;
-        for (int64_t e = 0; e < head_dim; e++) o[e] += p[i] * vh[e];
-    }
-    for (int64_t e = 0; e < head_dim; e++) o[e] *= inv;
 #endif
+}
+
+/* nq as a constant in each copy: the partial sums stay in registers */
+static void attend_heads(int nq, const float *const *qh, const float *k, const float *v, const int64_t *sl,
+                         int64_t n, int64_t stride, int64_t off, int64_t head_dim, float scale, float *const *p,
+                         float *const *o) {
+    if (nq == 3) attend_heads_n(3, qh, k, v, sl, n, stride, off, head_dim, scale, p, o);
+    else if (nq == 2) attend_heads_n(2, qh, k, v, sl, n, stride, off, head_dim, scale, p, o);
+    else attend_heads_n(1, qh, k, v, sl, n, stride, off, head_dim, scale, p, o);
 }
 
 /* Attention over the paged KV cache, one query row at a time.
@@ -729,20 +767,30 @@ int fm_attn_rows(const float *q, int64_t q_stride, const float *k, const float *
         work += lengths[r];
     }
     const int64_t group = heads / kv_heads, stride = kv_heads * head_dim;
+    /* a task: up to ATTN_Q query heads of one row that share a kv head */
+    const int64_t chunks = (group + ATTN_Q - 1) / ATTN_Q, tasks = rows * kv_heads * chunks;
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads) if (rows * heads > 1 && work * heads * head_dim >= PARALLEL_MIN_ATTN)
+#pragma omp parallel num_threads(nthreads) if (tasks > 1 && work * heads * head_dim >= PARALLEL_MIN_ATTN)
     {
-        float *p = (float *)malloc((size_t)(max_len + 8) * sizeof(float));
-        if (!p) failed = 1;
+        float *scratch = (float *)malloc((size_t)ATTN_Q * (max_len + 8) * sizeof(float));
+        if (!scratch) failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < rows * heads; task++) {
-            if (!p) continue;
-            const int64_t r = task / heads, h = task % heads;
-            attend_head(q + r * q_stride + h * head_dim, k, v, slots + offsets[r], lengths[r], stride,
-                        (h / group) * head_dim, head_dim, scale, p, out + (r * heads + h) * head_dim);
+        for (int64_t task = 0; task < tasks; task++) {
+            if (!scratch) continue;
+            const int64_t r = task / (kv_heads * chunks), g = task / chunks % kv_heads, c = task % chunks;
+            const int64_t h0 = g * group + c * ATTN_Q;
+            const int nq = group - c * ATTN_Q < ATTN_Q ? (int)(group - c * ATTN_Q) : ATTN_Q;
+            const float *qh[ATTN_Q];
+            float *p[ATTN_Q], *o[ATTN_Q];
+            for (int i = 0; i < nq; i++) {
+                qh[i] = q + r * q_stride + (h0 + i) * head_dim;
+                p[i] = scratch + i * (max_len + 8);
+                o[i] = out + (r * heads + h0 + i) * head_dim;
+            }
+            attend_heads(nq, qh, k, v, slots + offsets[r], lengths[r], stride, g * head_dim, head_dim, scale, p, o);
         }
-        free(p);
+        free(scratch);
     }
     return failed ? -2 : 0;
 }
