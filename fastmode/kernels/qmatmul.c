@@ -84,7 +84,7 @@ static inline float half_to_float(uint16_t h) {
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 
-static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *s) {
+static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *s, int32_t *isum) {
     for (int64_t b = 0; b < K / QK; b++) {
         const float *v = x + b * QK;
 #ifdef FM_AVX2
@@ -128,6 +128,7 @@ static void quantize_row(const float *x, int64_t K, int8_t *q, float *d, float *
 #endif
         d[b] = db;
         s[b] = db * (float)sum;
+        isum[b] = sum;
     }
 }
 
@@ -314,7 +315,8 @@ static void broadcast_chunks(const int8_t *xq, int64_t blocks, int8_t *xw) {
 /* x rows m0 .. m0 + nx - 1 (nx <= R, a constant in each inlined copy: sums stay in registers) */
 static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_t *w, int64_t nb, int64_t m0,
                                                            const int nx, const int8_t *xw, const float *xd,
-                                                           const float *xs, float *dst, int64_t N, int64_t n0) {
+                                                           const float *xs, const int32_t *xi, float *dst,
+                                                           int64_t N, int64_t n0) {
     const int64_t bbytes = GROUP * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
     const __m256i lo = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     {
@@ -352,23 +354,21 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
                     accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[row * nb + b]), accm[r]);
                 }
             } else {
-                /* int8 x int8: |w| as the unsigned operand, w's sign moved onto x */
-                __m512i aw[4];
-                __mmask64 neg[4];
-                for (int c = 0; c < 4; c++) {
-                    const __m512i v = _mm512_loadu_si512((const void *)(wb + 16 + 64 * c));
-                    aw[c] = _mm512_abs_epi8(v);
-                    neg[c] = _mm512_movepi8_mask(v);
-                }
+                /* int8 x int8 as (w + 128) x int8, unsigned times signed, less 128 x the sum of
+                 * the block's x values (exact in integers) */
+                __m512i uw[4];
+                for (int c = 0; c < 4; c++)
+                    uw[c] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + 16 + 64 * c)),
+                                             _mm512_set1_epi8((char)0x80));
                 for (int r = 0; r < nx; r++) {
                     const int64_t row = m0 + r;
                     const int8_t *xb = xw + (row * nb + b) * XW_BLOCK;
-                    __m512i s = _mm512_setzero_si512();
-                    for (int c = 0; c < 4; c++) {
-                        const __m512i xv = _mm512_loadu_si512((const void *)(xb + 64 * c));
-                        s = _mm512_dpbusd_epi32(s, aw[c], _mm512_mask_sub_epi8(xv, neg[c], _mm512_setzero_si512(), xv));
-                    }
-                    const __m256i s32 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+                    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uw[0], _mm512_loadu_si512((const void *)xb));
+                    for (int c = 1; c < 4; c++)
+                        s = _mm512_dpbusd_epi32(s, uw[c], _mm512_loadu_si512((const void *)(xb + 64 * c)));
+                    const __m256i s32 = _mm256_sub_epi32(
+                        _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1)),
+                        _mm256_set1_epi32(128 * xi[row * nb + b]));
                     const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xd[row * nb + b]));
                     acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s32), acc[r]);
                 }
@@ -419,14 +419,14 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
 }
 
 static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xw, const float *xd,
-                     const float *xs, float *dst, int64_t N, int64_t n0) {
+                     const float *xs, const int32_t *xi, float *dst, int64_t N, int64_t n0) {
 #define TILES(T)                                                                  \
     for (int64_t m0 = 0; m0 < M; m0 += R) {                                       \
         const int64_t left = M - m0;                                              \
-        if (left >= 4) r8_tile(T, w, nb, m0, 4, xw, xd, xs, dst, N, n0);          \
-        else if (left == 3) r8_tile(T, w, nb, m0, 3, xw, xd, xs, dst, N, n0);     \
-        else if (left == 2) r8_tile(T, w, nb, m0, 2, xw, xd, xs, dst, N, n0);     \
-        else r8_tile(T, w, nb, m0, 1, xw, xd, xs, dst, N, n0);                    \
+        if (left >= 4) r8_tile(T, w, nb, m0, 4, xw, xd, xs, xi, dst, N, n0);          \
+        else if (left == 3) r8_tile(T, w, nb, m0, 3, xw, xd, xs, xi, dst, N, n0);     \
+        else if (left == 2) r8_tile(T, w, nb, m0, 2, xw, xd, xs, xi, dst, N, n0);     \
+        else r8_tile(T, w, nb, m0, 1, xw, xd, xs, xi, dst, N, n0);                    \
     }
     if (type == FM_Q4_1) { TILES(FM_Q4_1) } else { TILES(FM_Q8_0) }
 #undef TILES
@@ -500,11 +500,12 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     const int64_t nb = K / QK;
     const int64_t row_bytes = nb * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
     const int64_t x_stride = prologue == PRO_SWIGLU ? 2 * K : K;
-    /* one allocation: int8 values, then scales d, then sums s */
-    uint8_t *xbuf = (uint8_t *)malloc((size_t)(M * nb) * (QK + 2 * sizeof(float)));
+    /* one allocation: int8 values, then scales d, sums s and the values' integer sums */
+    uint8_t *xbuf = (uint8_t *)malloc((size_t)(M * nb) * (QK + 2 * sizeof(float) + sizeof(int32_t)));
     if (!xbuf) return -2;
     int8_t *xq = (int8_t *)xbuf;
     float *xd = (float *)(xbuf + M * nb * QK), *xs = xd + M * nb;
+    int32_t *xi = (int32_t *)(xs + M * nb);
     int8_t *xw = NULL; /* the R8 tiles' pre-broadcast x (AVX2, N % 8 == 0) */
 #ifdef FM_AVX2
     if (fm_row_interleaved(N)) {
@@ -522,10 +523,10 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) {
             if (prologue == PRO_NONE) {
-                quantize_row(x + m * x_stride, K, xq + m * nb * QK, xd + m * nb, xs + m * nb);
+                quantize_row(x + m * x_stride, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
             } else if (tmp) {
                 prologue_row(prologue, x + m * x_stride, K, pw, eps, tmp);
-                quantize_row(tmp, K, xq + m * nb * QK, xd + m * nb, xs + m * nb);
+                quantize_row(tmp, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
             }
 #ifdef FM_AVX2
             if (xw && (prologue == PRO_NONE || tmp)) broadcast_chunks(xq + m * nb * QK, nb, xw + m * nb * XW_BLOCK);
@@ -552,7 +553,7 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
 #ifdef FM_AVX2
         if (xw) {
             for (int64_t g0 = n0; g0 < n1; g0 += GROUP)
-                r8_group(type, w + g0 * row_bytes, nb, M, xw, xd, xs, dst, N, g0);
+                r8_group(type, w + g0 * row_bytes, nb, M, xw, xd, xs, xi, dst, N, g0);
             m = M; /* done */
         }
 #endif
