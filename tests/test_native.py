@@ -343,14 +343,19 @@ def test_native_model_stays_on_the_cpu_in_float32(tiny_q4):
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, kind, tmp_path):
-    """Where the CPU has AVX-512 VNNI the tiles use it; their integer sums are exact, so every
-    output equals the AVX2 build's bit for bit (results do not depend on the ISA path)."""
+    """Where the CPU has AVX-512 VNNI the tiles use it (16 or 8 rows interleaved); their integer
+    sums are exact and their float steps the same, so every output equals the AVX2 build's bit
+    for bit: results do not depend on the instruction set."""
     if not lib.fm_has_vnni512():
         pytest.skip("this CPU has no AVX-512 VNNI: there is one path only")
     avx2 = kernels.build_with(["-mno-avx512f"], tmp_path)
     assert avx2 is not None and avx2.fm_has_avx2() and not avx2.fm_has_vnni512()
-    wtype, raw, _ = blocks(kind, 64, 1536, seed=3)  # 48 blocks a row; weights of both signs in Q8_0
     x = torch.randn(9, 1536) * torch.linspace(0.01, 30.0, 1536)  # small and large activation blocks
-    for m in (1, 4, 9):
-        assert torch.equal(kernels.matmul(lib, wtype, raw, 64, 1536, x[:m]),
-                           kernels.matmul(avx2, wtype, raw, 64, 1536, x[:m])), m
+    for n in (64, 40):  # 16 rows interleaved (8 on AVX2); 8 rows interleaved on both
+        assert lib.fm_row_interleaved(n) == (16 if n % 16 == 0 else 8) and avx2.fm_row_interleaved(n) == 8
+        w = np.random.default_rng(n).standard_normal((n, 1536)).astype(np.float32)
+        raw = torch.from_numpy(np.frombuffer(quantize(w, kind), dtype=np.uint8).reshape(n, -1).copy())
+        ours, theirs = kernels.pack(TYPE_IDS[kind], raw, lib), kernels.pack(TYPE_IDS[kind], raw, avx2)
+        for m in (1, 4, 9):
+            assert torch.equal(kernels.matmul(lib, TYPE_IDS[kind], ours, n, 1536, x[:m]),
+                               kernels.matmul(avx2, TYPE_IDS[kind], theirs, n, 1536, x[:m])), (n, m)

@@ -151,26 +151,29 @@ PRO_NONE, PRO_RMSNORM, PRO_SWIGLU = 0, 1, 2  # what a linear layer does to its i
 GROUP = 8  # blocks whose scales the kernel reads together
 
 
-def pack(wtype: int, blocks: torch.Tensor) -> torch.Tensor:
-    """GGUF blocks [rows, row bytes] -> the kernel's layout (same bytes, same size).
+def pack(wtype: int, blocks: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """GGUF blocks [rows, row bytes] -> the layout of the kernel library `lib` (default: the
+    one `load` gives), same bytes, same size.
 
-    Where the kernel reads rows 8 at a time (AVX2 builds, rows % 8 == 0): per 8 rows and block,
-    their 8 f16 scales d, (Q4_1) 8 minimums m, then the values in 4-byte chunks, chunk-major
-    (see qmatmul.c). Otherwise, per row: groups of 8 blocks with their scales (and minimums)
-    first, then the values; the last row-blocks % 8 blocks stay as they are."""
+    Where the kernel reads rows W at a time (W = 16 on AVX-512 VNNI builds with rows % 16 == 0,
+    else 8 on AVX2 builds with rows % 8 == 0): per W rows and block, their W f16 scales d,
+    (Q4_1) W minimums m, then the values in 4-byte chunks, chunk-major (see qmatmul.c).
+    Otherwise, per row: groups of 8 blocks with their scales (and minimums) first, then the
+    values; the last row-blocks % 8 blocks stay as they are."""
     size = BLOCK_BYTES[wtype]
     rows = blocks.shape[0]
     nb = blocks.shape[1] // size
     header = 4 if wtype == Q4_1 else 2  # f16 d (and m) before the values
-    lib = load()
-    if lib is not None and lib.fm_row_interleaved(rows):
-        b = blocks.reshape(rows // GROUP, GROUP, nb, size).transpose(1, 2)  # [row groups, block, row, bytes]
+    lib = lib or load()
+    width = lib.fm_row_interleaved(rows) if lib is not None else 0
+    if width:
+        b = blocks.reshape(rows // width, width, nb, size).transpose(1, 2)  # [row groups, block, row, bytes]
         chunks = (size - header) // 4
-        parts = [b[..., 0:2].reshape(rows // GROUP, nb, GROUP * 2)]
+        parts = [b[..., 0:2].reshape(rows // width, nb, width * 2)]
         if wtype == Q4_1:
-            parts.append(b[..., 2:4].reshape(rows // GROUP, nb, GROUP * 2))
-        values = b[..., header:].reshape(rows // GROUP, nb, GROUP, chunks, 4).transpose(2, 3)
-        parts.append(values.reshape(rows // GROUP, nb, GROUP * (size - header)))
+            parts.append(b[..., 2:4].reshape(rows // width, nb, width * 2))
+        values = b[..., header:].reshape(rows // width, nb, width, chunks, 4).transpose(2, 3)
+        parts.append(values.reshape(rows // width, nb, width * (size - header)))
         return torch.cat(parts, dim=-1).reshape(rows, nb * size).contiguous()
     g = nb // GROUP
     b = blocks.reshape(rows, nb, size)

@@ -433,10 +433,99 @@ static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const in
 }
 #endif
 
-/* 1 if weights of N rows are in the row-interleaved layout (fastmode.kernels.pack agrees) */
+#ifdef FM_VNNI512
+/* Row-interleaved by 16 ("R16", AVX-512 VNNI builds, N % 16 == 0): as R8 with 16 weight rows a
+ * group, so one 64-byte chunk holds 4 values of each of 16 rows and lane j of a 512-bit vector
+ * is output row j. Per block b: 16 f16 d, (Q4_1) 16 f16 m, then 4-byte chunks, chunk-major:
+ * Q4_1 chunk c (c < 4) holds bytes 4c..4c+3 of each row's 16 nibble bytes, Q8_0 chunk c (c < 8)
+ * values 4c..4c+3 of each row. The x values are broadcast straight from the quantized row
+ * (4 at a time). Each output's integer block sums are exact and its float steps are the R8
+ * tile's, so the results equal the R8 and AVX2 paths' bit for bit. */
+#define R16_ROWS 8 /* x rows sharing one pass over a group's weights */
+
+static inline int32_t rd32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+static inline __attribute__((always_inline)) void r16_tile(int type, const uint8_t *w, int64_t nb, int64_t m0,
+                                                            const int nx, const int8_t *xq, const float *xd,
+                                                            const float *xs, const int32_t *xi, float *dst,
+                                                            int64_t N, int64_t n0) {
+    const int64_t bbytes = 16 * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
+    __m512 acc[R16_ROWS], accm[R16_ROWS];
+    for (int r = 0; r < R16_ROWS; r++) { acc[r] = _mm512_setzero_ps(); accm[r] = _mm512_setzero_ps(); }
+    const uint8_t *wb = w;
+    for (int64_t b = 0; b < nb; b++, wb += bbytes) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)wb));
+        /* the weights stream from memory once per pass: ask for them ahead of use */
+        for (int64_t line = 0; line < bbytes; line += 64) _mm_prefetch((const char *)(wb + PREFETCH_BYTES + line), _MM_HINT_T0);
+        if (type == FM_Q4_1) {
+            const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wb + 32)));
+            const __m512i lo = _mm512_set1_epi8(0x0F);
+            __m512i vl[4], vh[4];
+            for (int c = 0; c < 4; c++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 + 64 * c));
+                vl[c] = _mm512_and_si512(v, lo);
+                vh[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo);
+            }
+            for (int r = 0; r < nx; r++) {
+                const int64_t row = m0 + r;
+                const int8_t *xb = xq + (row * nb + b) * QK;
+                __m512i s32 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vl[0], _mm512_set1_epi32(rd32(xb)));
+                for (int c = 1; c < 4; c++) s32 = _mm512_dpbusd_epi32(s32, vl[c], _mm512_set1_epi32(rd32(xb + 4 * c)));
+                for (int c = 0; c < 4; c++)
+                    s32 = _mm512_dpbusd_epi32(s32, vh[c], _mm512_set1_epi32(rd32(xb + 16 + 4 * c)));
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[row * nb + b]));
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s32), acc[r]);
+                accm[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xs[row * nb + b]), accm[r]);
+            }
+        } else {
+            /* (w + 128) x x, less 128 x the block's integer x sum: exact */
+            __m512i uw[8];
+            for (int c = 0; c < 8; c++)
+                uw[c] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + 32 + 64 * c)),
+                                         _mm512_set1_epi8((char)0x80));
+            for (int r = 0; r < nx; r++) {
+                const int64_t row = m0 + r;
+                const int8_t *xb = xq + (row * nb + b) * QK;
+                __m512i s32 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uw[0], _mm512_set1_epi32(rd32(xb)));
+                for (int c = 1; c < 8; c++) s32 = _mm512_dpbusd_epi32(s32, uw[c], _mm512_set1_epi32(rd32(xb + 4 * c)));
+                s32 = _mm512_sub_epi32(s32, _mm512_set1_epi32(128 * xi[row * nb + b]));
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xd[row * nb + b]));
+                acc[r] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s32), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < nx; r++)
+        _mm512_storeu_ps(dst + (m0 + r) * N + n0, type == FM_Q4_1 ? _mm512_add_ps(acc[r], accm[r]) : acc[r]);
+}
+
+static void r16_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xq, const float *xd,
+                      const float *xs, const int32_t *xi, float *dst, int64_t N, int64_t n0) {
+#define TILES16(T)                                                                         \
+    for (int64_t m0 = 0; m0 < M;) {                                                        \
+        const int64_t left = M - m0;                                                       \
+        const int nx = left >= 8 ? 8 : (left >= 4 ? 4 : (int)left);                        \
+        switch (nx) {                                                                      \
+        case 8: r16_tile(T, w, nb, m0, 8, xq, xd, xs, xi, dst, N, n0); break;              \
+        case 4: r16_tile(T, w, nb, m0, 4, xq, xd, xs, xi, dst, N, n0); break;              \
+        case 3: r16_tile(T, w, nb, m0, 3, xq, xd, xs, xi, dst, N, n0); break;              \
+        case 2: r16_tile(T, w, nb, m0, 2, xq, xd, xs, xi, dst, N, n0); break;              \
+        default: r16_tile(T, w, nb, m0, 1, xq, xd, xs, xi, dst, N, n0);                    \
+        }                                                                                  \
+        m0 += nx;                                                                          \
+    }
+    if (type == FM_Q4_1) { TILES16(FM_Q4_1) } else { TILES16(FM_Q8_0) }
+#undef TILES16
+}
+#endif
+
+/* How many weight rows the layout of a matrix with N rows interleaves: 16 (R16), 8 (R8) or 0
+ * (rows stay apart). fastmode.kernels.pack asks this and agrees. */
 int fm_row_interleaved(int64_t N) {
+#ifdef FM_VNNI512
+    if (N % 16 == 0) return 16;
+#endif
 #ifdef FM_AVX2
-    return N % GROUP == 0;
+    return N % GROUP == 0 ? GROUP : 0;
 #else
     (void)N;
     return 0;
@@ -507,8 +596,9 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     float *xd = (float *)(xbuf + M * nb * QK), *xs = xd + M * nb;
     int32_t *xi = (int32_t *)(xs + M * nb);
     int8_t *xw = NULL; /* the R8 tiles' pre-broadcast x (AVX2, N % 8 == 0) */
+    const int interleaved = fm_row_interleaved(N);
 #ifdef FM_AVX2
-    if (fm_row_interleaved(N)) {
+    if (interleaved == GROUP) {
         xw = (int8_t *)malloc((size_t)(M * nb) * XW_BLOCK);
         if (!xw) { free(xbuf); return -2; }
     }
@@ -550,6 +640,12 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     for (int64_t t = 0; t < ntiles; t++) {
         const int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
         int64_t m = 0;
+#ifdef FM_VNNI512
+        if (interleaved == 16) {
+            r16_group(type, w + n0 * row_bytes, nb, M, xq, xd, xs, xi, dst, N, n0);
+            m = M; /* done (n1 - n0 == 16: N is a multiple of the tile) */
+        }
+#endif
 #ifdef FM_AVX2
         if (xw) {
             for (int64_t g0 = n0; g0 < n1; g0 += GROUP)
