@@ -118,15 +118,16 @@ def test_rope_store_rotates_in_place_and_writes_the_cache(lib):
     qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
     positions = torch.tensor([3, 9, 10, 11, 0])
     slots = torch.tensor([7, 2, 5, 1])  # 4 real rows, one padding row
-    kc, vc = torch.zeros(12, kv_heads, dim), torch.zeros(12, kv_heads, dim)
+    kc, vc = (torch.zeros(12, kv_heads, dim, dtype=kernels.KV_DTYPE) for _ in range(2))
     before = qkv.clone()
     kernels.rope_store(lib, qkv, heads, kv_heads, dim, rope.cos, rope.signed_sin, positions, slots, 4, kc, vc)
     qk = before[:, :(heads + kv_heads) * dim].view(t, heads + kv_heads, dim)
     expected = Rotary.apply(qk, *rope.tables(positions))
     assert torch.allclose(qkv[:, :(heads + kv_heads) * dim].view(t, heads + kv_heads, dim), expected, atol=1e-5)
     for row, slot in enumerate(slots.tolist()):
-        assert torch.equal(kc[slot], qkv[row, heads * dim:(heads + kv_heads) * dim].view(kv_heads, dim))
-        assert torch.equal(vc[slot], before[row, (heads + kv_heads) * dim:].view(kv_heads, dim))
+        # stored in f16, rounded to nearest even as torch rounds
+        assert torch.equal(kc[slot], qkv[row, heads * dim:(heads + kv_heads) * dim].view(kv_heads, dim).half())
+        assert torch.equal(vc[slot], before[row, (heads + kv_heads) * dim:].view(kv_heads, dim).half())
     untouched = [s for s in range(12) if s not in slots.tolist()]
     assert kc[untouched].abs().sum() == 0 and vc[untouched].abs().sum() == 0  # nothing else, padding row included
     stored, rotated = kc.clone(), qkv.clone()
@@ -138,14 +139,14 @@ def test_rope_store_rotates_in_place_and_writes_the_cache(lib):
 
 def test_decode_attention_from_the_paged_cache(lib):
     heads, kv_heads, dim = 4, 2, 16
-    k, v = torch.randn(40, kv_heads, dim), torch.randn(40, kv_heads, dim)
+    k, v = torch.randn(40, kv_heads, dim).half(), torch.randn(40, kv_heads, dim).half()
     slots = torch.randperm(40)[:20]
     q = torch.randn(3, heads, dim)
     lengths = torch.tensor([20, 7, 1])
     out = kernels.attention_rows(lib, q, k, v, slots, torch.zeros(3, dtype=torch.long), lengths, dim ** -0.5)
     for r, n in enumerate(lengths.tolist()):
-        keys = k[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)  # [heads, n, dim]
-        vals = v[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)
+        keys = k[slots[:n]].float().repeat_interleave(2, 1).transpose(0, 1)  # [heads, n, dim]
+        vals = v[slots[:n]].float().repeat_interleave(2, 1).transpose(0, 1)
         p = torch.softmax(q[r].unsqueeze(1) @ keys.transpose(1, 2) * dim ** -0.5, -1)
         assert torch.allclose(out[r], (p @ vals).squeeze(1), atol=1e-5)
         alone = kernels.attention_rows(lib, q[r:r + 1], k, v, slots, torch.zeros(1, dtype=torch.long),
@@ -157,7 +158,7 @@ def test_decode_attention_from_the_paged_cache(lib):
 def test_attention_over_any_number_of_keys_and_threads(lib, dim):
     """Key counts around the kernel's 8-key steps, long rows split over threads, large scores."""
     heads, kv_heads, n_keys = 6, 3, 300
-    k, v = torch.randn(n_keys, kv_heads, dim) * 3, torch.randn(n_keys, kv_heads, dim)
+    k, v = (torch.randn(n_keys, kv_heads, dim) * 3).half(), torch.randn(n_keys, kv_heads, dim).half()
     slots = torch.randperm(n_keys)
     lengths = torch.tensor([1, 7, 8, 9, 16, 17, 300, 250])
     q = torch.randn(len(lengths), heads, dim) * 3
@@ -171,8 +172,8 @@ def test_attention_over_any_number_of_keys_and_threads(lib, dim):
         torch.set_num_threads(threads_before)
     assert torch.equal(outs[0], outs[1])
     for r, n in enumerate(lengths.tolist()):
-        keys = k[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)
-        vals = v[slots[:n]].repeat_interleave(2, 1).transpose(0, 1)
+        keys = k[slots[:n]].float().repeat_interleave(2, 1).transpose(0, 1)
+        vals = v[slots[:n]].float().repeat_interleave(2, 1).transpose(0, 1)
         p = torch.softmax((q[r].unsqueeze(1) @ keys.transpose(1, 2)).double() * dim ** -0.5, -1).float()
         assert torch.allclose(outs[0][r], (p @ vals).squeeze(1), atol=2e-5, rtol=1e-4)
 
@@ -359,3 +360,24 @@ def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, kind, tmp_path)
         for m in (1, 4, 9):
             assert torch.equal(kernels.matmul(lib, TYPE_IDS[kind], ours, n, 1536, x[:m]),
                                kernels.matmul(avx2, TYPE_IDS[kind], theirs, n, 1536, x[:m])), (n, m)
+
+
+def test_portable_build_rounds_the_kv_cache_to_f16_like_torch(lib, tmp_path):
+    """Without F16C the kernels convert to f16 in C: round to nearest even, subnormals,
+    overflow to infinity, the same bits as torch's conversion."""
+    plain = kernels.build_with(["-mno-avx512f", "-mno-avx2", "-mno-fma", "-mno-f16c"], tmp_path)
+    if plain is None:
+        pytest.skip("this compiler cannot build the portable kernels with those flags")
+    assert not plain.fm_has_avx2()
+    heads, kv_heads, dim, t = 1, 1, 8, 64
+    rope = Rotary(dim, 4, 10000.0)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * dim)
+    special = torch.tensor([1e-8, -3e-7, 6.1e-5, 65504.0, 65520.0, 70000.0, -1e9, 0.0])
+    halfway = torch.tensor([1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 2049.0, 2051.0, -1.0 - 2.0 ** -11, 5e-5, 1e-3, 7.0])
+    qkv[:2, (heads + kv_heads) * dim:] = torch.stack([special, halfway])  # v rows: stored without rotation
+    qkv[2:, (heads + kv_heads) * dim:] *= torch.logspace(-6, 4, t - 2)[:, None]
+    kc, vc = (torch.zeros(t, kv_heads, dim, dtype=kernels.KV_DTYPE) for _ in range(2))
+    v_rows = qkv[:, (heads + kv_heads) * dim:].clone()
+    kernels.rope_store(plain, qkv, heads, kv_heads, dim, rope.cos, rope.signed_sin, torch.zeros(t, dtype=torch.long),
+                       torch.arange(t), t, kc, vc)
+    assert torch.equal(vc.view(t, dim).view(torch.int16), v_rows.half().view(torch.int16))

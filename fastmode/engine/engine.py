@@ -48,7 +48,7 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.device, dtype = resolve_device(config.device), getattr(torch, config.dtype)
         model.place(self.device, dtype)
-        self.cache = KVCache(model.arch, num_blocks, config.block_size, self.device, dtype)
+        self.cache = KVCache(model.arch, num_blocks, config.block_size, self.device, model.kv_dtype)
         # A lane's pass: its prefill budget (or one aligned chunk, if larger), plus decode rows.
         max_rows = max(max(lane.max_tokens_per_step, config.prefill_chunk)
                        + lane.max_batch * (1 + (config.max_draft if lane.speculate else 0))

@@ -148,6 +148,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 
 PRO_NONE, PRO_RMSNORM, PRO_SWIGLU = 0, 1, 2  # what a linear layer does to its input first
+KV_DTYPE = torch.float16  # the KV cache the kernels write and read (as llama.cpp keeps it by default)
 GROUP = 8  # blocks whose scales the kernel reads together
 
 
@@ -222,6 +223,7 @@ def rope_store(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, kv_heads: int, h
           and positions.dtype == slots.dtype == torch.int64 and positions.is_contiguous() and slots.is_contiguous()
           and len(positions) >= qkv.shape[0] and len(slots) >= num_real
           and cos.is_contiguous() and signed_sin.shape == cos.shape and signed_sin.is_contiguous()
+          and k_cache.dtype == v_cache.dtype == KV_DTYPE
           and k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape)
     if not ok:
         raise KernelError("rope_store: tensors of the wrong type or shape")
@@ -237,12 +239,12 @@ def attention_rows(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.
     """Decode attention, row by row, straight from the paged cache (no gather).
 
     q [rows, heads, head_dim] (rows may be strided, heads and head_dim contiguous); k, v one
-    layer's cache [slots, kv_heads, head_dim] (contiguous); row r attends to the `lengths[r]`
+    layer's cache [slots, kv_heads, head_dim] (contiguous, KV_DTYPE); row r attends to the `lengths[r]`
     keys whose slots are `slots[offsets[r]:]` (int64). Returns [rows, heads, head_dim]."""
     rows, heads, dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != dim:
         q = q.contiguous()
-    if not (q.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
+    if not (q.dtype == torch.float32 and k.dtype == v.dtype == KV_DTYPE and k.is_contiguous() and v.is_contiguous()
             and all(t.dtype == torch.int64 and t.is_contiguous() for t in (slots, offsets, lengths))
             and len(offsets) >= rows and len(lengths) >= rows):
         raise KernelError("attention_rows: tensors of the wrong type or layout")
@@ -282,13 +284,14 @@ def blocks(lib: ctypes.CDLL, table: torch.Tensor, dims: torch.Tensor, eps: float
     """Every transformer block of one pass in one call (fm_blocks), x [T, hidden] updated in place.
 
     `table` from `layer_table`; `dims` int64 [hidden, heads, kv_heads, head_dim, intermediate,
-    max_position, num_slots]; caches [layers, num_slots, kv_heads, head_dim]; row t's K/V go to
+    max_position, num_slots]; caches [layers, num_slots, kv_heads, head_dim] KV_DTYPE; row t's K/V go to
     slots[t] (t < num_real) and it attends to lengths[t] keys at kv_slots[offsets[t]:]."""
     t = x.shape[0]
     longs = (positions, slots, kv_slots, offsets, lengths)
     if not (x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == int(dims[0])
             and all(a.dtype == torch.int64 and a.is_contiguous() for a in longs)
             and len(positions) >= t and len(offsets) >= t and len(lengths) >= t and len(slots) >= num_real
+            and k_cache.dtype == v_cache.dtype == KV_DTYPE
             and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
             and table.dim() == 2 and table.shape[1] == LAYER_FIELDS
             and k_cache.shape[0] == table.shape[0] and k_cache.shape[1] == int(dims[6])):

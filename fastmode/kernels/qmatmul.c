@@ -81,6 +81,36 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+/* float -> f16, rounding to nearest even (the KV cache's storage) */
+static inline uint16_t float_to_half(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, absx = x & 0x7FFFFFFF;
+    if (absx >= 0x7F800000) return (uint16_t)(sign | 0x7C00 | (absx > 0x7F800000 ? 0x200 : 0)); /* inf, nan */
+    if (absx >= 0x477FF000) return (uint16_t)(sign | 0x7C00); /* rounds past the largest half */
+    if (absx < 0x38800000) { /* subnormal or zero: a multiple of 2^-24 */
+        const float scaled = fabsf(f) * 16777216.0f; /* exact */
+        return (uint16_t)(sign | (uint32_t)nearbyintf(scaled));
+    }
+    uint32_t h = ((absx >> 13) - (112u << 10)), rest = absx & 0x1FFF;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+#endif
+}
+
+/* n floats -> f16 (n a multiple of 8 on F16C builds' fast path) */
+static void store_half(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+#if defined(FM_AVX2)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++) dst[i] = float_to_half(src[i]);
+}
+
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 
 
@@ -682,11 +712,11 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
  * qkv: [T, (heads + 2 kv_heads) * head_dim] rows (q heads, k heads, v heads); the q and k heads
  * of row t are rotated at positions[t] (rotate-half layout: x * cos + swap_halves(x) * ssin,
  * cos and ssin tables [max_position, head_dim]); rows t < num_real then store their k and v at
- * cache slot slots[t] of kc, vc ([num_slots, kv_heads, head_dim]). Returns -1, writing
+ * cache slot slots[t] of kc, vc ([num_slots, kv_heads, head_dim], f16). Returns -1, writing
  * nothing, for a position or slot out of range. */
 int fm_rope_store(float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_t head_dim,
                   const float *cos, const float *ssin, int64_t max_position, const int64_t *positions,
-                  const int64_t *slots, int64_t num_real, float *kc, float *vc, int64_t num_slots) {
+                  const int64_t *slots, int64_t num_real, uint16_t *kc, uint16_t *vc, int64_t num_slots) {
     if (head_dim % 2 != 0) return -1;
     for (int64_t t = 0; t < T; t++)
         if (positions[t] < 0 || positions[t] >= max_position || (t < num_real && (slots[t] < 0 || slots[t] >= num_slots)))
@@ -707,8 +737,8 @@ int fm_rope_store(float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_
             memcpy(x, tmp, (size_t)head_dim * sizeof(float));
         }
         if (t < num_real) {
-            memcpy(kc + slots[t] * kv_width, row + heads * head_dim, (size_t)kv_width * sizeof(float));
-            memcpy(vc + slots[t] * kv_width, row + (heads + kv_heads) * head_dim, (size_t)kv_width * sizeof(float));
+            store_half(kc + slots[t] * kv_width, row + heads * head_dim, kv_width);
+            store_half(vc + slots[t] * kv_width, row + (heads + kv_heads) * head_dim, kv_width);
         }
     }
     return 0;
@@ -726,12 +756,12 @@ static inline __m256 hsum8x8(const __m256 *a) {
 
 #define ATTN_Q 3 /* query heads of one row sharing a kv head that read its keys together */
 
-/* Query heads qh[0..nq) of one row over the same n keys at cache slots sl[0..n) (k, v rows
- * `stride` floats apart, their kv head's part at offset `off`); p[i]: n + 8 floats of scratch;
+/* Query heads qh[0..nq) of one row over the same n keys at cache slots sl[0..n) (k, v: f16 rows
+ * `stride` values apart, their kv head's part at offset `off`); p[i]: n + 8 floats of scratch;
  * o[i]: head_dim outputs. Each key and value vector is loaded once for all nq heads, and each
  * head's operations are the same as with nq = 1: they depend only on that query, its keys and n. */
 static inline __attribute__((always_inline)) void attend_heads_n(const int nq, const float *const *qh,
-                                                                  const float *k, const float *v,
+                                                                  const uint16_t *k, const uint16_t *v,
                                                                   const int64_t *sl, int64_t n, int64_t stride,
                                                                   int64_t off, int64_t head_dim, float scale,
                                                                   float *const *p, float *const *o) {
@@ -744,14 +774,14 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
         __m256 acc[ATTN_Q][8];
         for (int h = 0; h < nq; h++)
             for (int j = 0; j < 8; j++) acc[h][j] = _mm256_setzero_ps();
-        const float *kh[8];
+        const uint16_t *kh[8];
         for (int j = 0; j < nk; j++) kh[j] = k + sl[i0 + j] * stride + off;
         /* each (head, key) sum runs over e in order; keys and heads interleave for throughput */
         for (int64_t e = 0; e < head_dim; e += 8) {
             __m256 qv[ATTN_Q];
             for (int h = 0; h < nq; h++) qv[h] = _mm256_loadu_ps(qh[h] + e);
             for (int j = 0; j < nk; j++) {
-                const __m256 kv = _mm256_loadu_ps(kh[j] + e);
+                const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kh[j] + e)));
                 for (int h = 0; h < nq; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
             }
         }
@@ -802,11 +832,11 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
         for (int h = 0; h < nq; h++)
             for (int c = 0; c < 8; c++) acc[h][c] = _mm256_setzero_ps();
         for (int64_t t = 0; t < n; t++) {
-            const float *vh = v + sl[t] * stride + off + e0;
+            const uint16_t *vh = v + sl[t] * stride + off + e0;
             __m256 w[ATTN_Q];
             for (int h = 0; h < nq; h++) w[h] = _mm256_set1_ps(p[h][t]);
             for (int c = 0; c < nv; c++) {
-                const __m256 vv = _mm256_loadu_ps(vh + 8 * c);
+                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + 8 * c)));
                 for (int h = 0; h < nq; h++) acc[h][c] = _mm256_fmadd_ps(w[h], vv, acc[h][c]);
             }
         }
@@ -819,9 +849,9 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
     for (int h = 0; h < nq; h++) {
         float mx = -INFINITY, *ph = p[h], *oh = o[h];
         for (int64_t i = 0; i < n; i++) {
-            const float *kh = k + sl[i] * stride + off;
+            const uint16_t *kh = k + sl[i] * stride + off;
             float s = 0.0f;
-            for (int64_t e = 0; e < head_dim; e++) s += qh[h][e] * kh[e];
+            for (int64_t e = 0; e < head_dim; e++) s += qh[h][e] * half_to_float(kh[e]);
             ph[i] = s * scale;
             mx = ph[i] > mx ? ph[i] : mx;
         }
@@ -830,8 +860,8 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
         const float inv = 1.0f / sum;
         for (int64_t e = 0; e < head_dim; e++) oh[e] = 0.0f;
         for (int64_t i = 0; i < n; i++) {
-            const float *vh = v + sl[i] * stride + off;
-            for (int64_t e = 0; e < head_dim; e++) oh[e] += ph[i] * vh[e];
+            const uint16_t *vh = v + sl[i] * stride + off;
+            for (int64_t e = 0; e < head_dim; e++) oh[e] += ph[i] * half_to_float(vh[e]);
         }
         for (int64_t e = 0; e < head_dim; e++) oh[e] *= inv;
     }
@@ -839,7 +869,7 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
 }
 
 /* nq as a constant in each copy: the partial sums stay in registers */
-static void attend_heads(int nq, const float *const *qh, const float *k, const float *v, const int64_t *sl,
+static void attend_heads(int nq, const float *const *qh, const uint16_t *k, const uint16_t *v, const int64_t *sl,
                          int64_t n, int64_t stride, int64_t off, int64_t head_dim, float scale, float *const *p,
                          float *const *o) {
     if (nq == 3) attend_heads_n(3, qh, k, v, sl, n, stride, off, head_dim, scale, p, o);
@@ -849,11 +879,11 @@ static void attend_heads(int nq, const float *const *qh, const float *k, const f
 
 /* Attention over the paged KV cache, one query row at a time.
  * q: rows `q_stride` floats apart, each [heads, head_dim] (head_dim a multiple of 8); k, v: one
- * layer's cache [slots, kv_heads, head_dim]; slots: the cache slot of each key position;
+ * layer's cache [slots, kv_heads, head_dim] in f16; slots: the cache slot of each key position;
  * row r attends to positions [0, lengths[r]) whose slots start at slots + offsets[r]; out:
  * [rows, heads, head_dim]. Each (row, head) is computed by the same operations whatever else
  * is in the batch and however the work is split between threads. */
-int fm_attn_rows(const float *q, int64_t q_stride, const float *k, const float *v, const int64_t *slots,
+int fm_attn_rows(const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, const int64_t *slots,
                  const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t heads,
                  int64_t kv_heads, int64_t head_dim, float scale, float *out, int nthreads) {
     if (kv_heads < 1 || heads % kv_heads != 0 || head_dim % 8 != 0) return -1;
@@ -899,7 +929,7 @@ int fm_attn_rows(const float *q, int64_t q_stride, const float *k, const float *
  * layers: [num_layers][FM_LAYER_FIELDS] int64: the packed weights of qkv, o, gate_up, down
  * (pointers), their ggml types, the two norm weights (pointers) and the qkv bias (0: none).
  * dims: hidden, heads, kv_heads, head_dim, intermediate, max_position, num_slots.
- * kc, vc: the caches [num_layers][num_slots][kv_heads][head_dim]; kv_slots [num_kv]. x [T, hidden]
+ * kc, vc: the caches [num_layers][num_slots][kv_heads][head_dim], f16; kv_slots [num_kv]. x [T, hidden]
  * is updated in place. Returns 0, -1 (writing nothing) for a key slot or range out of bounds, or
  * the first failing call's code. */
 enum { FM_QKV_W, FM_O_W, FM_GU_W, FM_DOWN_W, FM_QKV_T, FM_O_T, FM_GU_T, FM_DOWN_T, FM_ATTN_NORM, FM_MLP_NORM,
@@ -907,7 +937,7 @@ enum { FM_QKV_W, FM_O_W, FM_GU_W, FM_DOWN_W, FM_QKV_T, FM_O_T, FM_GU_T, FM_DOWN_
 
 int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, float eps, float scale, float *x,
               int64_t T, const float *cos, const float *ssin, const int64_t *positions, const int64_t *slots,
-              int64_t num_real, float *kc, float *vc, const int64_t *kv_slots, int64_t num_kv,
+              int64_t num_real, uint16_t *kc, uint16_t *vc, const int64_t *kv_slots, int64_t num_kv,
               const int64_t *offsets, const int64_t *lengths, int nthreads) {
     const int64_t H = dims[0], heads = dims[1], kv_heads = dims[2], hd = dims[3], I = dims[4];
     const int64_t max_position = dims[5], num_slots = dims[6];
@@ -922,7 +952,7 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
     int rc = 0;
     for (int64_t l = 0; l < num_layers && rc == 0; l++) {
         const int64_t *L = layers + l * FM_LAYER_FIELDS;
-        float *kl = kc + l * cache_stride, *vl = vc + l * cache_stride;
+        uint16_t *kl = kc + l * cache_stride, *vl = vc + l * cache_stride;
         rc = fm_linear((int)L[FM_QKV_T], (const uint8_t *)L[FM_QKV_W], nqkv, H, x, T, qkv, nthreads, PRO_RMSNORM,
                        (const float *)L[FM_ATTN_NORM], eps, 0);
         if (rc == 0 && L[FM_QKV_BIAS]) {

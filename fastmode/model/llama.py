@@ -115,6 +115,7 @@ class Attention(nn.Module):
                                                    seg.kv_slots, torch.zeros_like(length), length, self.scale)
                 continue
             keys, values = cache.gather(self.layer, seg.kv_slots)  # [L, hkv, d]
+            keys, values = keys.to(q.dtype), values.to(q.dtype)  # the native path's cache is f16
             if seg.is_prefill:
                 # One causal attention over the chunk; chunks are aligned to absolute
                 # positions, so both lanes see identical shapes for the same prompt.
@@ -225,6 +226,11 @@ class Llama(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: f16 on the native kernels, else the weights' dtype."""
+        return kernels.KV_DTYPE if self.native else self.embed.weight.dtype
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
