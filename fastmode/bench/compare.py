@@ -243,7 +243,7 @@ def aggregate_otps(generate_many: Callable[[list[list[int]], int], float], promp
         one.append(statistics.median(generate_many([p], max_tokens) for p in prompts))
         many.append(generate_many(prompts, max_tokens))
     return {"streams": len(prompts), "one": statistics.median(one), "many": statistics.median(many),
-            "ratio": statistics.median(many) / statistics.median(one)}
+            "ratio": statistics.median(many) / statistics.median(one), "rounds": repeats}
 
 
 def read_bandwidth_gbs(threads: int, device: str = "cpu") -> float:
@@ -314,7 +314,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.streams > 1:  # the standard lane's batching: N prompts at once against one at a time
         first = (prompts * args.streams)[:args.streams]
         for suffix, many in tqdm(batched.items(), desc="streams"):
-            streams[suffix.strip() or "default"] = aggregate_otps(many, first, 48, max(args.repeats, 2))
+            streams[suffix.strip() or "default"] = aggregate_otps(many, first, 48, max(args.repeats, 5))
     costs: dict[str, dict[int, float]] = {}  # suffix -> pass seconds by rows
     contexts: dict[str, int] = {}
     for suffix, pass_times in passes.items():
@@ -422,7 +422,7 @@ def markdown(report: dict[str, Any], names: list[str]) -> str:
     for label, st in report.get("streams", {}).items():
         lines.append(f"- fastmode {label}, standard lane, {st['streams']} streams at once: {st['many']:.1f} tok/s "
                      f"aggregate against {st['one']:.1f} tok/s for one stream ({st['ratio']:.2f}x; 48 tokens each, "
-                     f"medians of interleaved rounds).")
+                     f"medians of {st['rounds']} interleaved rounds).")
     for pair, cats in report.get("anchors", {}).items():
         lines.append(f"- {pair}: " + ", ".join(f"{cat} {r:.2f}x" for cat, r in cats.items()) + ".")
     return "\n".join(lines) + "\n"

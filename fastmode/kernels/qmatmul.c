@@ -25,9 +25,9 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define FM_AVX2 1
 #endif
-/* AVX-512 VNNI (vpdpbusd: 4 u8 x s8 products summed into each int32 lane, 16 lanes): the R8
- * tiles' integer dot products in a quarter of the instructions. Integer sums are exact, so
- * the results are bit-identical to the AVX2 path's. */
+/* AVX-512 VNNI (vpdpbusd: 4 u8 x s8 products summed into each int32 lane, 16 lanes): the R16
+ * tiles' integer dot products. Integer sums are exact, so the results are bit-identical to the
+ * AVX2 path's. */
 #if defined(FM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define FM_VNNI512 1
 #endif
@@ -51,7 +51,8 @@ typedef struct {
 } xrow;
 
 /* Weights are repacked at load (fastmode.kernels.pack): the same bytes as the GGUF blocks, in
- * one of two orders. Matrices with N % 8 == 0 on AVX2 builds are row-interleaved (see r8_group).
+ * one of two orders. Matrices with N % 16 == 0 on AVX-512 VNNI builds (see r16_group), or else
+ * N % 8 == 0 on AVX2 builds (see r8_group), are row-interleaved.
  * Otherwise a row is nb / 8 groups, then nb % 8 blocks as the GGUF has them:
  *   Q4_1 group (160 bytes): 8 f16 d, 8 f16 m, 8 x 16 bytes of nibbles (low nibbles: values 0..15)
  *   Q8_0 group (272 bytes): 8 f16 d, 8 x 32 int8 */
@@ -345,8 +346,7 @@ static void broadcast_chunks(const int8_t *xq, int64_t blocks, int8_t *xw) {
 /* x rows m0 .. m0 + nx - 1 (nx <= R, a constant in each inlined copy: sums stay in registers) */
 static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_t *w, int64_t nb, int64_t m0,
                                                            const int nx, const int8_t *xw, const float *xd,
-                                                           const float *xs, const int32_t *xi, float *dst,
-                                                           int64_t N, int64_t n0) {
+                                                           const float *xs, float *dst, int64_t N, int64_t n0) {
     const int64_t bbytes = GROUP * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
     const __m256i lo = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     {
@@ -360,50 +360,6 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
             _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 64), _MM_HINT_T0);
             _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 128), _MM_HINT_T0);
             if (type == FM_Q8_0) _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 192), _MM_HINT_T0);
-#ifdef FM_VNNI512
-            if (type == FM_Q4_1) {
-                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wb + 16)));
-                const __m512i lo5 = _mm512_set1_epi8(0x0F);
-                /* chunks 0-1 and 2-3 of the nibbles; x's pre-broadcast chunks 0-3 (low values)
-                 * and 4-7 (high values) line up with them two by two */
-                const __m512i w01 = _mm512_loadu_si512((const void *)(wb + 32));
-                const __m512i w23 = _mm512_loadu_si512((const void *)(wb + 96));
-                const __m512i l01 = _mm512_and_si512(w01, lo5), l23 = _mm512_and_si512(w23, lo5);
-                const __m512i h01 = _mm512_and_si512(_mm512_srli_epi16(w01, 4), lo5);
-                const __m512i h23 = _mm512_and_si512(_mm512_srli_epi16(w23, 4), lo5);
-                for (int r = 0; r < nx; r++) {
-                    const int64_t row = m0 + r;
-                    const int8_t *xb = xw + (row * nb + b) * XW_BLOCK;
-                    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), l01, _mm512_loadu_si512((const void *)xb));
-                    s = _mm512_dpbusd_epi32(s, l23, _mm512_loadu_si512((const void *)(xb + 64)));
-                    s = _mm512_dpbusd_epi32(s, h01, _mm512_loadu_si512((const void *)(xb + 128)));
-                    s = _mm512_dpbusd_epi32(s, h23, _mm512_loadu_si512((const void *)(xb + 192)));
-                    const __m256i s32 = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
-                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xd[row * nb + b]));
-                    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s32), acc[r]);
-                    accm[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xs[row * nb + b]), accm[r]);
-                }
-            } else {
-                /* int8 x int8 as (w + 128) x int8, unsigned times signed, less 128 x the sum of
-                 * the block's x values (exact in integers) */
-                __m512i uw[4];
-                for (int c = 0; c < 4; c++)
-                    uw[c] = _mm512_xor_si512(_mm512_loadu_si512((const void *)(wb + 16 + 64 * c)),
-                                             _mm512_set1_epi8((char)0x80));
-                for (int r = 0; r < nx; r++) {
-                    const int64_t row = m0 + r;
-                    const int8_t *xb = xw + (row * nb + b) * XW_BLOCK;
-                    __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uw[0], _mm512_loadu_si512((const void *)xb));
-                    for (int c = 1; c < 4; c++)
-                        s = _mm512_dpbusd_epi32(s, uw[c], _mm512_loadu_si512((const void *)(xb + 64 * c)));
-                    const __m256i s32 = _mm256_sub_epi32(
-                        _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1)),
-                        _mm256_set1_epi32(128 * xi[row * nb + b]));
-                    const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xd[row * nb + b]));
-                    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s32), acc[r]);
-                }
-            }
-#else
             if (type == FM_Q4_1) {
                 const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wb + 16)));
                 __m256i vl[4], vh[4];
@@ -440,7 +396,6 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
                     acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s32), acc[r]);
                 }
             }
-#endif
         }
         for (int r = 0; r < nx; r++)
             _mm256_storeu_ps(dst + (m0 + r) * N + n0,
@@ -449,14 +404,14 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
 }
 
 static void r8_group(int type, const uint8_t *w, int64_t nb, int64_t M, const int8_t *xw, const float *xd,
-                     const float *xs, const int32_t *xi, float *dst, int64_t N, int64_t n0) {
+                     const float *xs, float *dst, int64_t N, int64_t n0) {
 #define TILES(T)                                                                  \
     for (int64_t m0 = 0; m0 < M; m0 += R) {                                       \
         const int64_t left = M - m0;                                              \
-        if (left >= 4) r8_tile(T, w, nb, m0, 4, xw, xd, xs, xi, dst, N, n0);          \
-        else if (left == 3) r8_tile(T, w, nb, m0, 3, xw, xd, xs, xi, dst, N, n0);     \
-        else if (left == 2) r8_tile(T, w, nb, m0, 2, xw, xd, xs, xi, dst, N, n0);     \
-        else r8_tile(T, w, nb, m0, 1, xw, xd, xs, xi, dst, N, n0);                    \
+        if (left >= 4) r8_tile(T, w, nb, m0, 4, xw, xd, xs, dst, N, n0);          \
+        else if (left == 3) r8_tile(T, w, nb, m0, 3, xw, xd, xs, dst, N, n0);     \
+        else if (left == 2) r8_tile(T, w, nb, m0, 2, xw, xd, xs, dst, N, n0);     \
+        else r8_tile(T, w, nb, m0, 1, xw, xd, xs, dst, N, n0);                    \
     }
     if (type == FM_Q4_1) { TILES(FM_Q4_1) } else { TILES(FM_Q8_0) }
 #undef TILES
@@ -679,7 +634,7 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
 #ifdef FM_AVX2
         if (xw) {
             for (int64_t g0 = n0; g0 < n1; g0 += GROUP)
-                r8_group(type, w + g0 * row_bytes, nb, M, xw, xd, xs, xi, dst, N, g0);
+                r8_group(type, w + g0 * row_bytes, nb, M, xw, xd, xs, dst, N, g0);
             m = M; /* done */
         }
 #endif
