@@ -447,7 +447,7 @@ def plot_compare(table: dict[str, dict[str, float]], names: list[str], path: Pat
 
 PAGE_HEAD = """# Benchmarks
 
-Regenerate with `.venv/bin/fastmode bench --compare --page docs/benchmarks.md`: fastmode on its
+Regenerate with `.venv/bin/fastmode bench --compare --repeats 2 --page docs/benchmarks.md`: fastmode on its
 native kernels (the server's default) and on float32 weights in torch, each in both lanes;
 llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in the same
 environment, and Hugging Face transformers (greedy and prompt lookup) when `transformers`,
