@@ -389,9 +389,13 @@ def machine(threads: int, device: str = "cpu") -> str:
     except (OSError, StopIteration):
         pass
     import os
+    from fastmode import kernels
     gpu = f"{torch.cuda.get_device_name(torch.device(device))} ({device}), " if device != "cpu" else ""
+    lib = kernels.load()
+    isa = "none" if lib is None else ("AVX-512 VNNI" if lib.fm_has_vnni512() else "AVX2" if lib.fm_has_avx2()
+                                      else "portable C")
     return (f"{gpu}{cpu}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}, native kernels: {isa}")
 
 
 def markdown(report: dict[str, Any], names: list[str]) -> str:
