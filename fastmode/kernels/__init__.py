@@ -77,19 +77,27 @@ def _build(cc: str) -> Path:
             return target
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             out = Path(tmp) / "qmatmul.so"
-            cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode == 0:
-                try:
-                    ctypes.CDLL(str(out))  # it must load (no unresolved symbols) before it is cached
-                except OSError as e:
-                    errors.append(f"{' '.join(cmd)}: built but does not load: {e}")
-                    continue
+            error = _compile(cc, flags, out)
+            if error is None:
                 os.replace(out, target)  # atomic: concurrent builders each write a whole file
                 (log.info if i == 0 else log.warning)("built the native kernels (%s)", " ".join(flags))
                 return target
-            errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}")
+            errors.append(error)
     raise KernelError("could not compile the native kernels:\n" + "\n".join(errors))
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> str | None:
+    """Build this source into the library `out`; None if it built and loads (no unresolved
+    symbols), else what went wrong."""
+    cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"{' '.join(cmd)}: {r.stderr.strip()[-400:]}"
+    try:
+        ctypes.CDLL(str(out))
+    except OSError as e:
+        return f"{' '.join(cmd)}: built but does not load: {e}"
+    return None
 
 
 def load() -> ctypes.CDLL | None:
@@ -120,14 +128,9 @@ def build_with(extra_flags: list[str], folder: Path) -> ctypes.CDLL | None:
     if cc is None:
         return None
     out = folder / "qmatmul-variant.so"
-    r = subprocess.run([cc, *_FLAG_SETS[0], *extra_flags, "-shared", "-fPIC", "-o", str(out), str(SOURCE), "-lm"],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
+    if _compile(cc, [*_FLAG_SETS[0], *extra_flags], out) is not None:
         return None
-    try:
-        return _declare(ctypes.CDLL(str(out)))
-    except OSError:
-        return None
+    return _declare(ctypes.CDLL(str(out)))
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:

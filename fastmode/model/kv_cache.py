@@ -21,7 +21,3 @@ class KVCache:
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer].index_select(0, slots), self.v[layer].index_select(0, slots)
-
-    @staticmethod
-    def bytes_per_token(arch: ModelArch, dtype: torch.dtype = torch.float32) -> int:
-        return 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * dtype.itemsize

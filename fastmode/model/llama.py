@@ -215,7 +215,7 @@ class Llama(nn.Module):
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the float model to `device` in `dtype` (the rotary tables stay float32). A
         model on the native kernels runs on the CPU in float32 only."""
-        if self.native or any(isinstance(m, QLinear) for m in self.modules()):
+        if any(isinstance(m, QLinear) for m in self.modules()):  # native models among them
             if device.type != "cpu" or dtype != torch.float32:
                 raise ValueError(f"a model on the native kernels runs on the CPU in float32, not {device} "
                                  f"{str(dtype).removeprefix('torch.')}: load it without native kernels")
