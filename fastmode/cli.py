@@ -64,7 +64,8 @@ def _serve(args: argparse.Namespace) -> int:
         loaded[w].model.place(device, getattr(torch, cfg.dtype))
         how = ("quantized weights on the native kernels" if loaded[w].model.native
                else f"{cfg.dtype} weights in torch on {cfg.device}")
-        print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step",
+        head = "; fast lane: prompt lookup and a trained draft head" if loaded[w].draft_head and cfg.draft_head else ""
+        print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step{head}",
               file=sys.stderr, flush=True)
     db_path = _database(args, server)
     platform = Platform(Database(db_path), open_mode=bool(server.get("open_mode", True)), limits=settings.limits)
@@ -131,6 +132,12 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_head(args: argparse.Namespace) -> int:
+    from fastmode.headtrain import run
+
+    return run(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from fastmode.bench.runner import main as bench_main
 
@@ -193,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(b)
     add_compare_arguments(b)
     b.set_defaults(func=_bench)
+    t = sub.add_parser("train-head", help="train a model's fast-lane draft head on its own answers (minutes)")
+    t.add_argument("--model", default=DEFAULT_MODEL, help="the model to train a head for (default %(default)s)")
+    t.add_argument("--out", default=None,
+                   help="where to write the head (default: the packaged model's head file in the package)")
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--inter", type=int, default=1024, help="the head MLP's inner width (default %(default)s)")
+    t.add_argument("--vocab", type=int, default=8192, help="most tokens the head can draft: the commonest in the "
+                   "answers (default %(default)s)")
+    t.add_argument("--prompts", type=int, default=0, help="use only the first N training prompts (default: all)")
+    t.add_argument("--max-tokens", type=int, default=200, help="longest answer (default %(default)s)")
+    t.add_argument("--eval", default=None, help="a workload whose answers measure the head's acceptance, never "
+                   "trained on (default: the shipped dev.jsonl)")
+    t.set_defaults(func=_train_head)
     return p
 
 

@@ -53,6 +53,7 @@ class EngineConfig:
     prefill_chunk: int = 256  # prefill chunks end at multiples of this (absolute positions)
     max_waiting: int = 256  # queued requests beyond this are refused with 529 overloaded
     max_draft: int = 7  # most draft tokens verified in one step
+    draft_head: bool = True  # speculating lanes also draft with the model's trained draft head, if it has one
     # When both lanes are busy the fast lane gets enough passes per standard pass for its
     # requests to run at least `fast_share_target` times a standard stream's speed.
     fast_share_target: float = 2.5

@@ -13,10 +13,15 @@ from fastmode.weights.registry import DEFAULT_MODEL, load_model
 
 
 @pytest.fixture(scope="module")
-def client():
+def served():
     state = build_state(load_model(DEFAULT_MODEL), EngineConfig(kv_cache_tokens=16384))
     with running_server(state) as url:
-        yield anthropic.Anthropic(base_url=url, api_key="test", max_retries=0)
+        yield state, anthropic.Anthropic(base_url=url, api_key="test", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served[1]
 
 
 def test_create_answers_sensibly(client):
@@ -52,7 +57,8 @@ def test_tools_are_accepted(client):
     assert m.stop_reason in ("end_turn", "max_tokens", "tool_use") and m.content
 
 
-def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(client):
+def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(served):
+    state, client = served
     items = [json.loads(line) for line in (WORKLOADS / "dev.jsonl").read_text().splitlines() if line.strip()]
 
     def ask(item, speed):
@@ -69,6 +75,8 @@ def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(client):
     assert len(items) >= 15
     for item, s, f in zip(items, standard, fast):
         assert s == f, f"lanes differ on a {item['category']} prompt"
+    stats = state.backends[DEFAULT_MODEL].engine.stats  # the packaged draft head drafted, and was right at times
+    assert stats["head_drafted"] > 0 and stats["head_accepted"] > 0, stats
 
 
 def test_prompt_cache_hit_reads_the_prefix_and_answers_the_same(client):

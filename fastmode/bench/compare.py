@@ -79,23 +79,29 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
 
     loaded = load_model(model_name, native_kernels=native)
     engine = Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384, device=device, dtype=dtype),
-                    loaded.tokenizer.eos_ids)
+                    loaded.tokenizer.eos_ids, draft_head=loaded.draft_head)
     torch.set_num_threads(threads or torch.get_num_threads())
 
-    def lane(which: Lane) -> Generate:
+    head = engine.head
+
+    def lane(which: Lane, with_head: bool = True) -> Generate:
         def generate(ids: list[int], max_tokens: int) -> Iterator[int]:
             got: list[int] = []
             done: list[bool] = []
+            engine.head = head if with_head else None  # one request at a time: the switch is its own
             engine.add(f"cmp-{time.monotonic_ns()}", ids, SamplingParams(max_tokens=max_tokens), which,
                        lambda d: (got.extend(d.token_ids), d.status.finished and done.append(True)))
             sent = 0
-            while True:
-                engine.step()
-                while sent < len(got):
-                    yield got[sent]
-                    sent += 1
-                if done:
-                    return
+            try:
+                while True:
+                    engine.step()
+                    while sent < len(got):
+                        yield got[sent]
+                        sent += 1
+                    if done:
+                        return
+            finally:
+                engine.head = head
         return generate
 
     def many(prompts: list[list[int]], max_tokens: int) -> float:
@@ -144,8 +150,10 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
         engine.step()  # takes the abort: nothing else is running
         return {r: statistics.median(ts) for r, ts in times.items()}
 
-    return ({f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}, loaded,
-            many, pass_times)
+    lanes = {f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}
+    if head is not None:  # what the draft head adds, interleaved with the rest
+        lanes[f"fastmode fast lookup only{suffix}"] = lane(Lane.FAST, with_head=False)
+    return lanes, loaded, many, pass_times
 
 
 def llama_cpp_contenders(gguf: Path, threads: int, eos: set[int]) -> dict[str, Generate]:
@@ -337,6 +345,9 @@ def run_compare(args: argparse.Namespace) -> int:
             "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
             "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
             "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
+        if (lookup := f"fastmode fast lookup only{suffix}") in names:
+            configs[suffix.strip() or "default"]["lookup_only_over_standard"] = {
+                cat: row[lookup] / row[std] for cat, row in table.items() if row[std] > 0}
         if suffix in costs:
             configs[suffix.strip() or "default"].update({
                 "pass_context": contexts[suffix], "pass_ms": {r: t * 1e3 for r, t in costs[suffix].items()},
@@ -415,6 +426,10 @@ def markdown(report: dict[str, Any], names: list[str]) -> str:
         lines.append(f"- fastmode {label} ({c['weights']}): {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
                      f"decode step, so the standard lane streams {c['decode_bandwidth_gbs']:.1f} GB/s; fast / "
                      f"standard: {ratios}; greedy outputs identical between the lanes: {same}/{pairs}.")
+        if "lookup_only_over_standard" in c:
+            lookup = ", ".join(f"{cat} {r:.2f}x" for cat, r in c["lookup_only_over_standard"].items())
+            lines.append(f"- fastmode {label}, fast lane without its draft head (prompt lookup only) / standard: "
+                         f"{lookup}.")
     for label, c in report["configs"].items():
         if "pass_ms" in c:
             one = c["pass_ms"][1]

@@ -183,7 +183,11 @@ class Runner:
         )
         return batch.to(self.device), ranges
 
-    def run(self, plan: list[Scheduled]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def run(self, plan: list[Scheduled], taps: tuple[int, ...] = ()
+            ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
+        """One pass: the logits of the plan's logit rows, each item's (first, count) range in
+        them and, with `taps`, the residual stream after those blocks at the same rows (what a
+        draft head reads; None without taps)."""
         batch, ranges = self.build(plan)
         rows = len(batch.input_ids)
         decode = all(not s.is_prefill for s in batch.segments)
@@ -191,8 +195,11 @@ class Runner:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
+        out = self.model(batch, self.cache, taps)
+        logits, features = out if taps else (out, None)
         # float32 on the CPU for sampling: on a GPU this copy is the pass's one host sync
-        logits = self.model(batch, self.cache).float().cpu()
+        logits = logits.float().cpu()
+        features = None if features is None else features.float().cpu()
         dt = time.perf_counter() - t0
         if decode:  # the draft policy prices decode passes, at the thread count in use
             if self.threads is not None:
@@ -200,7 +207,7 @@ class Runner:
                 dt = min(self.threads.seconds.get((t, rows), dt) for t in self.threads.options)
             old = self.step_seconds.get(rows)
             self.step_seconds[rows] = dt if old is None else 0.8 * old + 0.2 * dt
-        return logits, ranges
+        return logits, ranges, features
 
 
 def _sync(device: torch.device) -> None:

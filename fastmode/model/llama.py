@@ -233,26 +233,36 @@ class Llama(nn.Module):
         return kernels.KV_DTYPE if self.native else self.embed.weight.dtype
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        """Run the batch; return logits for `batch.logit_rows`: [len(logit_rows), vocab]."""
+    def forward(self, batch: ForwardBatch, cache: KVCache,
+                taps: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run the batch; return logits for `batch.logit_rows`: [len(logit_rows), vocab]. With
+        `taps` (block indices, ascending), also the residual stream after each of those blocks
+        at the logit rows: (logits, [len(logit_rows), len(taps), hidden])."""
         x = self.embed(batch.input_ids)  # [T, hidden]
         lib = kernels.load() if self.native else None
+        tapped: list[torch.Tensor] = []
         if lib is not None and batch.decode is not None and self._table is not None and self._dims is not None:
-            # a pass without prefill rows: every block in one native call
+            # a pass without prefill rows: every block in one native call (one per tap)
             x = x.contiguous()
             self._dims[6] = cache.k.shape[1]
             norm = self.blocks[0].attn_norm
-            kernels.blocks(lib, self._table, self._dims, norm.eps, self.blocks[0].attn.scale, x, self.rope.cos,
-                           self.rope.signed_sin, batch.positions, batch.slot_mapping, batch.num_real, cache.k, cache.v,
-                           *batch.decode.tensors)
-        elif lib is not None:
-            for block in self.blocks:
-                x = block.forward_native(x, self.rope, batch, cache, lib)
+            start = 0
+            for end in dict.fromkeys([*(t + 1 for t in taps), len(self.blocks)]):
+                if end > start:
+                    kernels.blocks(lib, self._table[start:end], self._dims, norm.eps, self.blocks[0].attn.scale, x,
+                                   self.rope.cos, self.rope.signed_sin, batch.positions, batch.slot_mapping,
+                                   batch.num_real, cache.k[start:end], cache.v[start:end], *batch.decode.tensors)
+                if end - 1 in taps:
+                    tapped.append(x[batch.logit_rows])
+                start = end
         else:
-            rope = self.rope.tables(batch.positions)
-            for block in self.blocks:
-                x = block(x, rope, batch, cache)
+            rope = None if lib is not None else self.rope.tables(batch.positions)
+            for i, block in enumerate(self.blocks):
+                x = block.forward_native(x, self.rope, batch, cache, lib) if lib is not None else block(x, rope, batch, cache)
+                if i in taps:
+                    tapped.append(x[batch.logit_rows])
         if isinstance(self.lm_head, QLinear):  # the final norm fused into the head, on the native kernel
-            return self.lm_head.run(x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm)
-        x = self.norm(x[batch.logit_rows])
-        return self.lm_head(x)
+            logits = self.lm_head.run(x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm)
+        else:
+            logits = self.lm_head(self.norm(x[batch.logit_rows]))
+        return (logits, torch.stack(tapped, dim=1)) if taps else logits

@@ -167,3 +167,18 @@ def dequantize(raw: np.ndarray, type_id: int, numel: int) -> torch.Tensor:
         m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
         w = d * q + m
     return torch.from_numpy(w.reshape(-1))
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """A float matrix [rows, k] (k a multiple of 32) -> its Q8_0 blocks, uint8 [rows, k / 32 * 34]:
+    per 32 values an f16 scale d = max |w| / 127 and the values rounded to w / d (the inverse of
+    `dequantize` up to that rounding)."""
+    rows, k = w.shape
+    if k % 32:
+        raise ValueError(f"Q8_0 needs rows of a multiple of 32 values, not {k}")
+    x = w.detach().float().cpu().numpy().reshape(rows * (k // 32), 32)
+    d = (np.abs(x).max(axis=1, keepdims=True) / 127.0).astype(np.float16)
+    scale = d.astype(np.float32)
+    q = np.round(np.divide(x, scale, out=np.zeros_like(x), where=scale != 0)).clip(-127, 127).astype(np.int8)
+    blocks = np.concatenate([d.view(np.uint8), q.view(np.uint8)], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(blocks).reshape(rows, (k // 32) * 34))

@@ -14,6 +14,7 @@ import torch
 
 from fastmode import kernels
 from fastmode.config import DecodingDefaults, ModelArch
+from fastmode.model.draft_head import DraftHead
 from fastmode.model.llama import Llama, QLinear
 from fastmode.tokenizer.tokenizer import Tokenizer
 from fastmode.weights import loader, tiny
@@ -31,6 +32,7 @@ class PackagedModel:
     sha256: str
     display_name: str
     defaults: DecodingDefaults
+    draft_head: str | None = None  # a file in fastmode/weights/heads/: the fast lane's trained draft head
 
 
 PACKAGED = {
@@ -41,8 +43,10 @@ PACKAGED = {
         display_name="SmolLM2 135M Instruct (Q4_1)",
         # Greedy: deterministic answers, and the model's card finds small models do best near-greedy.
         defaults=DecodingDefaults(temperature=0.0, top_p=1.0, top_k=0),
+        draft_head="smollm2-135m-instruct.safetensors",
     ),
 }
+HEADS = Path(__file__).with_name("heads")
 
 
 class ModelNotFound(ValueError):
@@ -57,6 +61,7 @@ class LoadedModel:
     model: Llama
     tokenizer: Tokenizer
     defaults: DecodingDefaults
+    draft_head: DraftHead | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -172,7 +177,12 @@ def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
         arch, sd = loader.load_hf_dir(path)
         tok = Tokenizer.from_hf_dir(path)
     model = _build(arch, sd)
-    return LoadedModel(name, display, arch, model, tok, defaults)
+    head = None
+    if name in PACKAGED and PACKAGED[name].draft_head and (HEADS / PACKAGED[name].draft_head).exists():
+        head = DraftHead.load(HEADS / PACKAGED[name].draft_head, model.embed.weight)
+        if model.native:
+            head.use_native()
+    return LoadedModel(name, display, arch, model, tok, defaults, head)
 
 
 def _weight_bytes(model: Llama) -> int:

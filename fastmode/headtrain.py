@@ -1,0 +1,240 @@
+"""`fastmode train-head`: train a model's fast-lane draft head on the model's own greedy answers.
+
+1. Prompts: questions and writing tasks built from templates over a few hundred topics (none of
+   them the benchmark's prompts).
+2. The model answers them greedily in the standard lane, many at a time; every pass hands over
+   the residual stream after the head's tapped blocks at each answer position.
+3. The head learns, from (tapped states at position t, token t+1), the token t+2 and the
+   model's feature there (cross-entropy on the model's token, KL to the model's distribution
+   over the head's vocabulary, smooth L1 on the feature), and a second step from its own
+   predicted feature (as it is used: drafts after the first start from the head's output).
+
+The shipped head for the default model was made by `fastmode train-head` with its defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastmode.config import EngineConfig
+from fastmode.engine.engine import Engine
+from fastmode.engine.request import Lane, SamplingParams
+from fastmode.engine.runner import max_threads
+from fastmode.model.draft_head import DraftHead
+from fastmode.weights.registry import DEFAULT_MODEL, HEADS, PACKAGED, LoadedModel, load_model
+
+TOPICS = (
+    "photosynthesis|black holes|the water cycle|volcanoes|earthquakes|the immune system|DNA|electricity|magnets|"
+    "gravity|the moon's phases|rainbows|tides|climate change|recycling|solar panels|wind turbines|batteries|"
+    "the internet|email|computer viruses|encryption|machine learning|databases|cloud computing|operating systems|"
+    "compilers|version control with git|HTTP|the stock market|inflation|interest rates|taxes|budgeting|"
+    "saving for retirement|the Roman Empire|the printing press|the Industrial Revolution|the Renaissance|"
+    "ancient Egypt|the French Revolution|democracy|the United Nations|the Olympic Games|chess|football|yoga|sleep|"
+    "exercise|nutrition|vitamins|coffee|tea|bread making|fermentation|composting|gardening|bees|dolphins|"
+    "elephants|migratory birds|coral reefs|rainforests|deserts|glaciers|the human heart|the brain|memory|habits|"
+    "stress|meditation|public speaking|job interviews|time management|learning a language|reading books|"
+    "music theory|jazz|painting|photography|movies|video games|electric cars|airplanes|trains|bicycles|"
+    "space travel|Mars|satellites|GPS|telescopes|microscopes|antibiotics|bacteria|viruses|allergies|"
+    "blood pressure|dinosaurs|evolution|fossils|the periodic table|atoms|chemical reactions|acids and bases|"
+    "plastic|paper|glass|steel|concrete|bridges|skyscrapers|earth's layers|the sun|stars|comets|Japan|Brazil|"
+    "Canada|Kenya|Norway|India|Mexico|Australia|Italy|Egypt|owls|wolves|octopuses|penguins|sharks|horses|ants|"
+    "butterflies|whales|nurses|firefighters|architects|farmers|pilots|librarians|chefs|engineers|teachers|"
+    "scientists|rice|cheese|chocolate|pasta|olive oil|spices|soup|apples|potatoes|honey|the piano|the guitar|"
+    "opera|poetry|theater|sculpture|comic books|podcasts|social media|smartphones|3D printing|robots|drones|"
+    "virtual reality|blockchain|open source software|spreadsheets|passwords|Wi-Fi|search engines|first aid|"
+    "hiking|camping|swimming|running a marathon|learning to drive|moving to a new city|starting a small business|"
+    "writing a resume|making friends|raising a puppy|caring for houseplants|saving energy at home|"
+    "cooking on a budget|planning a trip|the scientific method|statistics|probability|algebra|geometry|"
+    "prime numbers|the speed of light|sound waves|the ozone layer|renewable energy|nuclear power|rivers|oceans|"
+    "clouds|thunderstorms|hurricanes|snow|the northern lights").split("|")
+SUBJECTS = (
+    "a cat who wants to fly|a lighthouse keeper|a lost dog finding its way home|a child's first day at school|"
+    "a dragon who is afraid of fire|an old tree in a city park|a detective in a small town|"
+    "a baker who bakes magic cakes|a girl who talks to the stars|two friends on a camping trip|a city in the rain|"
+    "a mountain at sunrise|autumn leaves|a busy train station|a snowy village|the first day of spring|"
+    "a robot that learns to cook|a talking parrot|a shy giant|a time traveler").split("|")
+PYTHON_PAIRS = (
+    "a dictionary and a set|a function and a method|a class and an object|a for loop and a while loop|"
+    "a module and a package|an iterator and a generator|== and is|append and extend|a string and bytes|"
+    "a thread and a process|deep copy and shallow copy|*args and **kwargs|local and global variables").split("|")
+QUESTIONS = ("What is {t}?", "How does {t} work?", "Why is {t} important?", "Explain {t} to a beginner.",
+             "What are the main benefits and drawbacks of {t}?", "Give three interesting facts about {t}.",
+             "What should everyone know about {t}?", "Can you explain how {t} affects everyday life?",
+             "What are common misconceptions about {t}?", "Describe the history of {t} briefly.",
+             "How would you explain {t} to a ten-year-old?", "List some tips about {t}.",
+             "What is the future of {t}?", "Why do people care about {t}?")
+TOPIC_WRITING = ("Write a short blog post about {t}.", "Write a haiku about {t}.", "Write a letter to a friend about {t}.",
+                 "Write a motivational speech about {t}.")
+SUBJECT_WRITING = ("Write a short story about {s}.", "Write a poem about {s}.", "Write a paragraph describing {s}.",
+                   "Write a limerick about {s}.")
+
+
+def training_prompts(seed: int = 0, per_topic: int = 7) -> list[str]:
+    """Questions and writing tasks over the topics above, shuffled."""
+    rng = random.Random(seed)
+    out = []
+    for t in TOPICS:
+        out += [q.format(t=t) for q in rng.sample(QUESTIONS, per_topic)]
+        out += [w.format(t=t) for w in rng.sample(TOPIC_WRITING, 2)]
+    out += [w.format(s=s) for s in SUBJECTS for w in SUBJECT_WRITING]
+    out += [f"What is the difference between {pair} in Python?" for pair in PYTHON_PAIRS]
+    rng.shuffle(out)
+    return out
+
+
+def collect(loaded: LoadedModel, prompts: list[list[int]], taps: tuple[int, ...], max_tokens: int = 200,
+            streams: int = 16, progress: Callable[[str], None] = lambda s: None) -> list[tuple[list[int], torch.Tensor]]:
+    """The model's greedy answers to these prompts, each with the tapped residual stream at the
+    position before each of its tokens: [(answer ids, [len(answer), len(taps), hidden] float16)]."""
+    engine = Engine(loaded.model, EngineConfig(kv_cache_tokens=streams * (max_tokens + 512)), loaded.tokenizer.eos_ids)
+    rows: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
+    engine.tap_features(taps, lambda rid, f: rows[rid].append(f.to(torch.float16)))
+    records = []
+    t0, tokens = time.monotonic(), 0
+    for s in range(0, len(prompts), streams):
+        outs: dict[str, list[int]] = {}
+        done: set[str] = set()
+        for i in range(s, min(s + streams, len(prompts))):
+            rid = f"train-{i}"
+            outs[rid] = []
+            engine.add(rid, prompts[i], SamplingParams(max_tokens=max_tokens), Lane.STANDARD,
+                       lambda d, rid=rid: (outs[rid].extend(d.token_ids), d.status.finished and done.add(rid)))
+        while len(done) < len(outs):
+            engine.step()
+        for rid, out in outs.items():
+            feats = torch.cat(rows.pop(rid))[:len(out)]
+            if len(out) >= 3:
+                records.append((out, feats))
+            tokens += len(out)
+        progress(f"answers: {min(s + streams, len(prompts))}/{len(prompts)} prompts, {tokens} tokens, "
+                 f"{time.monotonic() - t0:.0f} s")
+    return records
+
+
+def train(head: DraftHead, model_norm: torch.nn.Module, records: list[tuple[list[int], torch.Tensor]],
+          epochs: int = 2, batch: int = 256, lr: float = 2e-3, seed: int = 0,
+          progress: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """Fit `head` to the records (see the module's docstring); the last tap must be the model's
+    last block, whose output through `model_norm` is the feature the head predicts. Returns the
+    last losses."""
+    torch.manual_seed(seed)
+    vocab_index = torch.full((int(head.embed.shape[0]),), -100, dtype=torch.long)
+    vocab_index[head.vocab] = torch.arange(len(head.vocab))
+    taps, x1, y1, g1, y2, g2 = [], [], [], [], [], []
+    with torch.no_grad():
+        for out, feats in records:
+            ids = torch.tensor(out)
+            n = len(ids)
+            g = model_norm(feats[:, -1].float()).half()  # the model's feature at each position
+            taps.append(feats[:n - 1])
+            x1.append(ids[:n - 1])
+            y1.append(ids[1:])
+            g1.append(g[1:])
+            y2.append(torch.cat([ids[2:], torch.tensor([-1])]))  # the second step's token (none at the end)
+            g2.append(torch.cat([g[2:], g[-1:]]))
+    T, X1, Y1, G1, Y2, G2 = (torch.cat(a) for a in (taps, x1, y1, g1, y2, g2))
+    steps = epochs * (len(X1) // batch)
+    if steps == 0:
+        raise ValueError(f"{len(X1)} training positions are fewer than one batch of {batch}")
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    rows = head.out_rows().detach()
+
+    def kl(f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.kl_div(F.log_softmax(f @ rows.T, -1), F.log_softmax(target.float() @ rows.T, -1),
+                        log_target=True, reduction="batchmean")
+
+    head.train()
+    t0, k, losses = time.monotonic(), 0, {}
+    for epoch in range(epochs):
+        perm = torch.randperm(len(X1))
+        for s in range(0, len(X1) - batch + 1, batch):
+            idx = perm[s:s + batch]
+            f1, logits1 = head(head.start(T[idx].float()), X1[idx])
+            ce1 = F.cross_entropy(logits1, vocab_index[Y1[idx]], ignore_index=-100)
+            reg = F.smooth_l1_loss(f1, G1[idx].float())
+            more = Y2[idx] >= 0
+            f2, logits2 = head(f1[more], Y1[idx][more])
+            ce2 = F.cross_entropy(logits2, vocab_index[Y2[idx][more]], ignore_index=-100)
+            loss = ce1 + 0.5 * ce2 + reg + kl(f1, G1[idx]) + 0.5 * kl(f2, G2[idx][more])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            k += 1
+            if k % 200 == 0 or k == steps:
+                losses = {"ce1": ce1.item(), "ce2": ce2.item(), "feature": reg.item()}
+                progress(f"training: epoch {epoch + 1}/{epochs}, step {k}/{steps}, cross-entropy "
+                         f"{losses['ce1']:.3f} / {losses['ce2']:.3f}, {time.monotonic() - t0:.0f} s")
+    head.eval()
+    return losses
+
+
+def acceptance(head: DraftHead, records: list[tuple[list[int], torch.Tensor]], depth: int = 4) -> list[float]:
+    """Of the positions in these answers, the share where the head's first 1..depth greedy
+    drafts all equal the model's tokens."""
+    hits, total = [0] * depth, 0
+    with torch.no_grad():
+        for out, feats in records:
+            ids = torch.tensor(out)
+            n = len(ids)
+            drafts = head.draft(feats[:n - 1].float(), ids[:n - 1], depth)
+            for i in range(n - 1):
+                total += 1
+                for j in range(min(depth, n - 1 - i)):
+                    if int(drafts[i, j]) != int(ids[i + 1 + j]):
+                        break
+                    hits[j] += 1
+    return [h / max(total, 1) for h in hits]
+
+
+def default_taps(num_layers: int) -> tuple[int, ...]:
+    """Low, middle and last blocks (4, 14, 29 of 30)."""
+    return tuple(sorted({min(4, num_layers - 1), num_layers // 2 - 1, num_layers - 1} - {-1}))
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastmode.bench.compare import prompt_ids
+
+    def say(msg: str) -> None:
+        print(f"fastmode train-head: {msg}", file=sys.stderr, flush=True)
+
+    evals_path = Path(args.eval) if args.eval else Path(__file__).parent / "bench" / "workloads" / "dev.jsonl"
+    out = Path(args.out) if args.out else (HEADS / PACKAGED[args.model].draft_head if args.model in PACKAGED and PACKAGED[args.model].draft_head
+                       else None)
+    if out is None:
+        raise ValueError(f"{args.model} has no packaged head file: pass --out")
+    loaded = load_model(args.model)
+    loaded.draft_head = None  # answers come from the model alone
+    taps = default_taps(loaded.arch.num_layers)
+    texts = training_prompts()[:args.prompts or None]
+    items = [{"messages": [{"role": "user", "content": t}], "max_tokens": args.max_tokens} for t in texts]
+    evals = [json.loads(line) for line in evals_path.read_text().splitlines() if line.strip()]
+    held_out = {json.dumps(e["messages"]) for e in evals}
+    items = [i for i in items if json.dumps(i["messages"]) not in held_out]
+    say(f"{len(items)} prompts, taps after blocks {taps}")
+    records = collect(loaded, prompt_ids(loaded.tokenizer, args.model, items), taps, args.max_tokens, progress=say)
+    counts = collections.Counter(t for ids, _ in records for t in ids)
+    vocab = torch.tensor(sorted(t for t, _ in counts.most_common(args.vocab)))
+    head = DraftHead(loaded.arch.hidden_size, args.inter, vocab, loaded.model.embed.weight, taps,
+                     loaded.arch.rms_norm_eps)
+    torch.set_num_threads(max_threads())  # the engine's last pass may have left fewer
+    train(head, loaded.model.norm, records, epochs=args.epochs, progress=say)
+    eval_records = collect(loaded, prompt_ids(loaded.tokenizer, args.model, evals), taps, progress=lambda s: None)
+    rates = acceptance(head, eval_records)
+    say(f"{evals_path.name}: the first 1..{len(rates)} drafts all right at " + ", ".join(f"{r:.3f}" for r in rates)
+        + " of positions")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head.save(out, {"model": args.model, "trained_on": f"{len(records)} answers, {sum(counts.values())} tokens",
+                    "acceptance": ",".join(f"{r:.3f}" for r in rates)})
+    say(f"wrote {out}")
+    return 0
