@@ -53,7 +53,9 @@ class EngineConfig:
     prefill_chunk: int = 256  # prefill chunks end at multiples of this (absolute positions)
     max_waiting: int = 256  # queued requests beyond this are refused with 529 overloaded
     max_draft: int = 7  # most draft tokens verified in one step
-    draft_head: bool = True  # speculating lanes also draft with the model's trained draft head, if it has one
+    # Speculating lanes also draft with the model's trained draft head, if it has one. Off: on the
+    # development CPU the packaged head's drafts did not pay for their cost (see the README).
+    draft_head: bool = False
     # When both lanes are busy the fast lane gets enough passes per standard pass for its
     # requests to run at least `fast_share_target` times a standard stream's speed.
     fast_share_target: float = 2.5

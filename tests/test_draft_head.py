@@ -7,6 +7,7 @@ import torch
 from fastmode import headtrain
 from fastmode.config import EngineConfig
 from fastmode.engine.engine import Engine
+from fastmode.engine.head_drafter import HEAD_EXPLORE, HEAD_SKIP, HeadDrafter
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.model.draft_head import DraftHead, DraftHeadError
 from fastmode.weights.gguf import dequantize, quantize_q8_0
@@ -65,17 +66,20 @@ def test_training_fits_the_answers_it_saw(trained):
 def test_fast_lane_drafts_with_the_head_and_keeps_outputs_identical(tiny, trained):
     head = trained[0]
     for prompts, learned in ((trained[1][:8], True), (random_prompts(8, seed=5), False)):
-        engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_head=head)
+        engine = Engine(tiny.model, small_engine_config(draft_head=True), tiny.tokenizer.eos_ids, draft_head=head)
         assert run(engine, prompts, Lane.FAST) == run(engine, prompts, Lane.STANDARD)
         assert engine.stats["head_drafted"] > 0, engine.stats
         if learned:  # on answers it learned, most of its drafts are accepted
             assert engine.stats["head_accepted"] > engine.stats["head_drafted"] / 2, engine.stats
 
 
-def test_the_head_is_off_when_the_config_says_so(tiny, trained):
-    engine = Engine(tiny.model, small_engine_config(draft_head=False), tiny.tokenizer.eos_ids, draft_head=trained[0])
+def test_the_head_is_off_by_default_and_switches(tiny, trained):
+    engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_head=trained[0])
     run(engine, trained[1][:4], Lane.FAST)
-    assert engine.head is None and engine.stats["head_drafted"] == 0
+    assert engine.drafter is None and engine.head_taps == () and engine.stats["head_drafted"] == 0
+    engine.use_draft_head(True)
+    run(engine, trained[1][:4], Lane.FAST)
+    assert engine.drafter.head is trained[0] and engine.stats["head_drafted"] > 0
 
 
 def test_head_file_round_trips(tmp_path, tiny, trained):
@@ -105,7 +109,7 @@ def test_head_files_that_do_not_fit_are_refused(tmp_path, tiny, trained):
 
 
 def test_engine_refuses_to_tap_other_blocks_than_its_head(tiny, trained):
-    engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_head=trained[0])
+    engine = Engine(tiny.model, small_engine_config(draft_head=True), tiny.tokenizer.eos_ids, draft_head=trained[0])
     with pytest.raises(ValueError, match="taps"):
         engine.tap_features((1,), lambda rid, f: None)
 
@@ -151,15 +155,21 @@ def test_taps_leave_the_outputs_unchanged(tiny_q4):
     assert rows.shape[1:] == (2, tiny_q4.arch.hidden_size)
 
 
-def test_a_head_that_stopped_paying_runs_only_to_explore(tiny, trained):
+def test_a_head_that_stopped_paying_runs_only_to_explore(trained):
     """A request whose head drafts are rarely accepted runs the head every HEAD_EXPLORE-th
     pass only; one where they pay runs it every pass; each request learns its own rate."""
-    from fastmode.engine.engine import HEAD_EXPLORE
-    engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_head=trained[0])
-    engine.runner.step_time = lambda rows: 0.010 + 0.001 * rows
-    engine.head_step_seconds = 0.0005  # one more draft costs 1.5 ms: worth it at 15% acceptance
-    engine.head_first.update({"bad": 0.05, "good": 0.5})
-    bad = [engine._head_pays("bad", 1) for _ in range(3 * HEAD_EXPLORE)]
+    drafter = HeadDrafter(trained[0], 7)
+    step = lambda rows: 0.010 + 0.001 * rows  # noqa: E731
+    drafter.step_seconds = 0.0005  # one more draft costs 1.5 ms: worth it at 15% acceptance
+    for rid in ("bad", "good", "new", "copying"):
+        drafter.remember(rid, torch.zeros(2, trained[0].hidden), 1)
+    drafter.first.update({"bad": 0.05, "good": 0.5})
+    bad = [drafter.wants("bad", 0.0, 1, step) for _ in range(3 * HEAD_EXPLORE)]
     assert [i for i, ran in enumerate(bad) if ran] == [HEAD_EXPLORE - 1, 2 * HEAD_EXPLORE - 1, 3 * HEAD_EXPLORE - 1]
-    assert all(engine._head_pays("good", 1) for _ in range(3 * HEAD_EXPLORE))
-    assert engine._head_pays("new", 1)  # a new request starts from the rate over all requests (0.5)
+    assert all(drafter.wants("good", 0.0, 1, step) for _ in range(3 * HEAD_EXPLORE))
+    assert drafter.wants("new", 0.0, 1, step)  # a new request starts from the rate over all requests (0.5)
+    assert not drafter.wants("copying", HEAD_SKIP, 1, step)  # lookup expects enough: no head
+    assert not drafter.wants("unknown", 0.0, 1, step)  # no tapped states yet: nowhere to start
+    for _ in range(10):  # its first drafts keep failing: the request stops paying its way
+        drafter.observe("good", 0)
+    assert drafter.first["good"] < 0.05 and not drafter.wants("good", 0.0, 1, step)

@@ -14,7 +14,8 @@ from fastmode.weights.registry import DEFAULT_MODEL, load_model
 
 @pytest.fixture(scope="module")
 def served():
-    state = build_state(load_model(DEFAULT_MODEL), EngineConfig(kv_cache_tokens=16384))
+    # with the packaged draft head on (off by default): its drafts must keep the lanes identical
+    state = build_state(load_model(DEFAULT_MODEL), EngineConfig(kv_cache_tokens=16384, draft_head=True))
     with running_server(state) as url:
         yield state, anthropic.Anthropic(base_url=url, api_key="test", max_retries=0)
 

@@ -67,6 +67,10 @@ def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]
     return first - t0, (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0, out
 
 
+# the fast lane's other draft-head setting, by whether the engine drafts with the head by default
+OTHER_HEAD = {True: "lookup only", False: "draft head"}
+
+
 def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str = "", device: str = "cpu",
                         dtype: str = "float32") -> tuple[
         dict[str, Generate], Any, Callable[[list[list[int]], int], float], Callable[[list[int], int], dict[int, float]]]:
@@ -82,13 +86,15 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
                     loaded.tokenizer.eos_ids, draft_head=loaded.draft_head)
     torch.set_num_threads(threads or torch.get_num_threads())
 
-    head = engine.head
+    default_head = engine.drafter is not None
 
-    def lane(which: Lane, with_head: bool = True) -> Generate:
+    def lane(which: Lane, head: bool | None = None) -> Generate:
+        """`head`: draft with the model's draft head or not, for this contender only."""
         def generate(ids: list[int], max_tokens: int) -> Iterator[int]:
             got: list[int] = []
             done: list[bool] = []
-            engine.head = head if with_head else None  # one request at a time: the switch is its own
+            if head is not None:  # one request at a time: the switch is its own
+                engine.use_draft_head(head)
             engine.add(f"cmp-{time.monotonic_ns()}", ids, SamplingParams(max_tokens=max_tokens), which,
                        lambda d: (got.extend(d.token_ids), d.status.finished and done.append(True)))
             sent = 0
@@ -101,7 +107,7 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
                     if done:
                         return
             finally:
-                engine.head = head
+                engine.use_draft_head(default_head)
         return generate
 
     def many(prompts: list[list[int]], max_tokens: int) -> float:
@@ -151,8 +157,8 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
         return {r: statistics.median(ts) for r, ts in times.items()}
 
     lanes = {f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}
-    if head is not None:  # what the draft head adds, interleaved with the rest
-        lanes[f"fastmode fast lookup only{suffix}"] = lane(Lane.FAST, with_head=False)
+    if loaded.draft_head is not None:  # the fast lane with the other draft-head setting, interleaved
+        lanes[f"fastmode fast {OTHER_HEAD[default_head]}{suffix}"] = lane(Lane.FAST, head=not default_head)
     return lanes, loaded, many, pass_times
 
 
@@ -345,9 +351,10 @@ def run_compare(args: argparse.Namespace) -> int:
             "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
             "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
             "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
-        if (lookup := f"fastmode fast lookup only{suffix}") in names:
-            configs[suffix.strip() or "default"]["lookup_only_over_standard"] = {
-                cat: row[lookup] / row[std] for cat, row in table.items() if row[std] > 0}
+        for label in OTHER_HEAD.values():
+            if (other := f"fastmode fast {label}{suffix}") in names:
+                configs[suffix.strip() or "default"]["other_head_over_standard"] = {
+                    "label": label, **{cat: row[other] / row[std] for cat, row in table.items() if row[std] > 0}}
         if suffix in costs:
             configs[suffix.strip() or "default"].update({
                 "pass_context": contexts[suffix], "pass_ms": {r: t * 1e3 for r, t in costs[suffix].items()},
@@ -426,10 +433,11 @@ def markdown(report: dict[str, Any], names: list[str]) -> str:
         lines.append(f"- fastmode {label} ({c['weights']}): {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
                      f"decode step, so the standard lane streams {c['decode_bandwidth_gbs']:.1f} GB/s; fast / "
                      f"standard: {ratios}; greedy outputs identical between the lanes: {same}/{pairs}.")
-        if "lookup_only_over_standard" in c:
-            lookup = ", ".join(f"{cat} {r:.2f}x" for cat, r in c["lookup_only_over_standard"].items())
-            lines.append(f"- fastmode {label}, fast lane without its draft head (prompt lookup only) / standard: "
-                         f"{lookup}.")
+        if "other_head_over_standard" in c:
+            other = dict(c["other_head_over_standard"])
+            what = other.pop("label")
+            lines.append(f"- fastmode {label}, fast lane {what} / standard: "
+                         + ", ".join(f"{cat} {r:.2f}x" for cat, r in other.items()) + ".")
     for label, c in report["configs"].items():
         if "pass_ms" in c:
             one = c["pass_ms"][1]
@@ -466,8 +474,10 @@ def plot_compare(table: dict[str, dict[str, float]], names: list[str], path: Pat
 
 PAGE_HEAD = """# Benchmarks
 
-Regenerate with `.venv/bin/fastmode bench --compare --repeats 2 --page docs/benchmarks.md`: fastmode on its
-native kernels (the server's default) and on float32 weights in torch, each in both lanes;
+Regenerate with `.venv/bin/fastmode bench --compare --native-kernels on --repeats 2 --page
+docs/benchmarks.md`: fastmode on its native kernels (the server's default) in both lanes, and
+its fast lane with the model's trained draft head switched the other way (on: it is off by
+default); `--native-kernels both` adds float32 weights in torch, each in both lanes;
 llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in the same
 environment, and Hugging Face transformers (greedy and prompt lookup) when `transformers`,
 `gguf` and `accelerate` are. Every contender runs in one process on the same prompt ids (the

@@ -12,6 +12,7 @@ import torch
 
 from fastmode.config import EngineConfig
 from fastmode.engine.block_manager import BlockManager
+from fastmode.engine.head_drafter import HeadDrafter
 from fastmode.engine.prefix_cache import CacheSpec, PrefixCache
 from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
 from fastmode.engine.runner import Runner, ThreadChooser, max_threads
@@ -23,14 +24,6 @@ from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
 
 log = logging.getLogger("fastmode.engine")
-
-
-# A request whose prompt-lookup proposal already expects this many accepted tokens does not run
-# the draft head (its steps cost time in every pass; lookup wins there: copied text).
-HEAD_SKIP = 1.0
-# A request whose head drafts have stopped paying runs the head only every this many passes,
-# to notice when they would pay again.
-HEAD_EXPLORE = 8
 
 
 class EngineOverloaded(RuntimeError):
@@ -72,18 +65,9 @@ class Engine:
         self.policy = DraftLengthPolicy(config.max_draft)
         self.lookups: dict[str, PromptLookup] = {}
         self.proposals: dict[str, list[tuple[int | str, list[int]]]] = {}  # request -> (source, proposal)s this step
-        self.head = draft_head if config.draft_head else None
-        self.head_taps = self.head.taps if self.head is not None else ()
-        # request -> (tapped features, token) at its latest position: where the head starts
-        self.features: dict[str, tuple[torch.Tensor, int]] = {}
-        self.head_step_seconds = 0.0  # running average of one head step (a batch of rows)
-        # The head's confidences, scaled by how many of its drafts were accepted per expected one
-        self.head_hits, self.head_expected = 1.0, 1.0  # decaying sums
-        self.head_pending: dict[str, float] = {}  # request -> tokens its head drafts of this step should yield
-        # How often the head's first draft was accepted: per request, and over all (its start)
-        self.head_first: dict[str, float] = {}
-        self.head_first_all = 0.5
-        self.head_skipped: dict[str, int] = {}  # request -> passes since the head last ran for it
+        self._drafter = HeadDrafter(draft_head, config.max_draft) if draft_head is not None else None
+        self.drafter: HeadDrafter | None = None  # the head's drafter when in use (see use_draft_head)
+        self.use_draft_head(config.draft_head)
         self.sink: tuple[tuple[int, ...], Callable[[str, torch.Tensor], None]] | None = None  # see tap_features
         self.generators: dict[str, torch.Generator] = {}
         self.requests: dict[str, Request] = {}
@@ -120,11 +104,22 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def use_draft_head(self, on: bool) -> None:
+        """From the next pass on, draft with the model's head (if it has one) or not (no head,
+        no taps). Call between `step`s."""
+        if self._drafter is not None:
+            self._drafter.features.clear()  # a request's start is only valid while every pass taps
+        self.drafter = self._drafter if on else None
+
+    @property
+    def head_taps(self) -> tuple[int, ...]:
+        return self.drafter.taps if self.drafter is not None else ()
+
     def tap_features(self, taps: tuple[int, ...], sink: Callable[[str, torch.Tensor], None]) -> None:
         """From now on every pass also hands, per request, the residual stream after blocks
         `taps` at its logit rows to sink(request_id, [rows, len(taps), hidden]): a draft head's
         training data. Call before `start` (or between `step`s)."""
-        if self.head is not None and taps != self.head_taps:
+        if self.drafter is not None and taps != self.head_taps:
             raise ValueError(f"taps {taps} differ from the draft head's {self.head_taps}")
         self.sink = (taps, sink)
 
@@ -227,7 +222,7 @@ class Engine:
                 self.sink[1](item.request.request_id, features[first:first + count])
             try:
                 self._update(item, logits[first:first + count],
-                             None if features is None or self.head is None else features[first:first + count])
+                             None if features is None or self.drafter is None else features[first:first + count])
             except Exception:  # e.g. a sampling error: only this request fails
                 log.exception("request %s failed", item.request.request_id)
                 self._finish(item.request, Status.FINISHED_ERROR, [])
@@ -235,7 +230,7 @@ class Engine:
 
     def _propose(self, plan: list[Scheduled]) -> None:
         """Drafts for each decoding request: prompt lookup's proposal at the length the policy
-        prices best, or the draft head's tokens where those promise more."""
+        prices best, or the draft head's tokens where those promise more (HeadDrafter)."""
         rows = sum(item.num_tokens for item in plan)
         for_head: list[tuple[Scheduled, float]] = []  # items the head drafts for, with lookup's expected tokens
         for item in plan:
@@ -250,74 +245,17 @@ class Engine:
             item.drafts = proposal[:k]
             self.proposals[r.request_id] = [(lookup.last_match, proposal)]
             rows += len(item.drafts)
-            if self.head is not None and room > 0 and r.request_id in self.features:
+            if self.drafter is not None:
                 a = min(self.policy.rate(r.request_id, lookup.last_match), 0.99) if k else 0.0
                 lookup_expected = sum(a ** j for j in range(1, k + 1))
-                if lookup_expected < HEAD_SKIP and self._head_pays(r.request_id, rows):
+                if self.drafter.wants(r.request_id, lookup_expected, rows, self.runner.step_time):
                     for_head.append((item, lookup_expected))
         if for_head:
-            with torch.inference_mode():
-                self._head_drafts(for_head, rows)
-
-    def _head_pays(self, request_id: str, rows: int) -> bool:
-        """Whether the head's first draft for this request is expected to pay for its row and
-        head step (from how often its first drafts were accepted); if not, the head still runs
-        every HEAD_EXPLORE-th pass."""
-        step = self.runner.step_time
-        rate = self.head_first.get(request_id, self.head_first_all)
-        cost = step(rows + 1) - step(rows) + self.head_step_seconds
-        skipped = self.head_skipped.get(request_id, 0)
-        if rate * step(rows) >= cost or skipped + 1 >= HEAD_EXPLORE:
-            self.head_skipped[request_id] = 0
-            return True
-        self.head_skipped[request_id] = skipped + 1
-        return False
-
-    def _head_drafts(self, items: list[tuple[Scheduled, float]], rows: int) -> None:
-        """Run the draft head for these requests, a step for all of them at a time. A row's
-        next draft is kept while its probability of being accepted (the product of the head's
-        calibrated confidences so far) pays for what one more row and head step cost; the
-        head's drafts replace lookup's where they promise more tokens."""
-        assert self.head is not None
-        step = self.runner.step_time
-        base = step(rows)
-        feats = torch.stack([self.features[item.request.request_id][0] for item, _ in items])
-        tokens = torch.tensor([self.features[item.request.request_id][1] for item, _ in items])
-        g = self.head.start(feats)
-        limit = [min(self.config.max_draft, item.request.token_budget - item.request.num_tokens - 1)
-                 for item, _ in items]
-        drafts: list[list[int]] = [[] for _ in items]
-        calibration = min(max(self.head_hits / self.head_expected, 0.25), 2.0)
-        p = [1.0] * len(items)
-        expected = [1.0] * len(items)
-        active = list(range(len(items)))
-        extra = 0  # head rows added to the pass so far
-        while active:
-            t0 = time.perf_counter()
-            g_act, conf, tok = self.head.step(g[active], tokens[active])
-            dt = time.perf_counter() - t0
-            self.head_step_seconds = dt if not self.head_step_seconds else 0.8 * self.head_step_seconds + 0.2 * dt
-            g[active], tokens[active] = g_act, tok
-            still = []
-            for j, i in enumerate(active):
-                p[i] *= float(conf[j])
-                cost = step(rows + extra + 1) - step(rows + extra) + self.head_step_seconds
-                gain = min(calibration * p[i], 1.0)
-                if gain * base < cost * expected[i]:  # one more draft would lower this request's rate
-                    continue
-                drafts[i].append(int(tok[j]))
-                expected[i] += gain
-                extra += 1
-                # go on while the head can still beat lookup (confidences only fall along a draft)
-                best = expected[i] - 1.0 + gain * (limit[i] - len(drafts[i]))
-                if len(drafts[i]) < limit[i] and best > items[i][1]:
-                    still.append(i)
-            active = still
-        for (item, lookup_expected), d, e in zip(items, drafts, expected):
-            if d and e - 1.0 > lookup_expected:
-                item.drafts = d
-                self.proposals[item.request.request_id].append(("head", d))
-                self.head_pending[item.request.request_id] = e - 1.0
+            assert self.drafter is not None
+            for (item, _), drafts in zip(for_head, self.drafter.draft(for_head, rows, self.runner.step_time)):
+                if drafts:
+                    item.drafts = drafts
+                    self.proposals[item.request.request_id].append(("head", drafts))
 
     def _update(self, item: Scheduled, logits: torch.Tensor, features: torch.Tensor | None = None) -> None:
         r = item.request
@@ -343,18 +281,14 @@ class Engine:
             new = [int(logits[-1].argmax())]
         else:
             new = [int(torch.multinomial(probabilities(logits[-1:], r.params)[0], 1, generator=gen))]
-        if features is not None:  # the head starts from the position of the last token kept
-            self.features[r.request_id] = (features[accepted], new[accepted])
+        if features is not None and self.drafter is not None:  # the head starts at the last token kept
+            self.drafter.remember(r.request_id, features[accepted], new[accepted])
         for source, proposal in self.proposals.pop(r.request_id, []):
             if isinstance(source, str):  # the head's drafts
                 self.stats["head_drafted"] += len(proposal)
                 self.stats["head_accepted"] += accepted
-                self.head_hits = 0.98 * self.head_hits + accepted
-                self.head_expected = 0.98 * self.head_expected + self.head_pending.pop(r.request_id, 0.0)
-                first = 1.0 if accepted else 0.0
-                rate = self.head_first.get(r.request_id, self.head_first_all)
-                self.head_first[r.request_id] = 0.7 * rate + 0.3 * first
-                self.head_first_all = 0.97 * self.head_first_all + 0.03 * first
+                if self.drafter is not None:
+                    self.drafter.observe(r.request_id, accepted)
             else:
                 self.policy.observe(r.request_id, source, proposal, new)
         status = Status.RUNNING
@@ -383,10 +317,8 @@ class Engine:
         self.requests.pop(r.request_id, None)
         self.lookups.pop(r.request_id, None)
         self.proposals.pop(r.request_id, None)
-        self.features.pop(r.request_id, None)
-        self.head_pending.pop(r.request_id, None)
-        self.head_first.pop(r.request_id, None)
-        self.head_skipped.pop(r.request_id, None)
+        if self.drafter is not None:
+            self.drafter.forget(r.request_id)
         self.prefix.forget(r.request_id)
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
