@@ -11,9 +11,12 @@ class KVCache:
                  dtype: torch.dtype = torch.float32) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (arch.num_layers, num_blocks * block_size, arch.num_kv_heads, arch.head_dim)
-        # Zero-filled: unwritten slots are never read, but must never hold NaN either.
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # [layers, slots, kv_heads, head_dim]
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Zero-filled: unwritten slots are never read, but must never hold NaN either. Filled by
+        # writing, not by allocating zeroed memory: the system maps that lazily, and each page's
+        # first write would then fault in the middle of a request (the first requests after a
+        # start ran slower); writing now takes those faults at start-up.
+        self.k = torch.empty(shape, device=device, dtype=dtype).fill_(0)  # [layers, slots, kv_heads, head_dim]
+        self.v = torch.empty(shape, device=device, dtype=dtype).fill_(0)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer].index_copy_(0, slots, k)
