@@ -109,6 +109,8 @@ class Engine:
         no taps). Call between `step`s."""
         if self._drafter is not None:
             self._drafter.features.clear()  # a request's start is only valid while every pass taps
+            if on and self.model.native and not self._drafter.head.native:
+                self._drafter.head.use_native()  # its Q8_0 copies, made once, when first used
         self.drafter = self._drafter if on else None
 
     @property
@@ -246,8 +248,7 @@ class Engine:
             self.proposals[r.request_id] = [(lookup.last_match, proposal)]
             rows += len(item.drafts)
             if self.drafter is not None:
-                a = min(self.policy.rate(r.request_id, lookup.last_match), 0.99) if k else 0.0
-                lookup_expected = sum(a ** j for j in range(1, k + 1))
+                lookup_expected = self.policy.expected_drafts(r.request_id, lookup.last_match, k)
                 if self.drafter.wants(r.request_id, lookup_expected, rows, self.runner.step_time):
                     for_head.append((item, lookup_expected))
         if for_head:

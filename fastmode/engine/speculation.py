@@ -84,11 +84,21 @@ class DraftLengthPolicy:
         for key in [k for k in self.acceptance if k[0] == request_id]:
             del self.acceptance[key]
 
+    def expected_drafts(self, request_id: str, match: int, k: int) -> float:
+        """Accepted tokens expected of a k-token proposal at this match length: a + ... + a^k."""
+        if match <= 0 or k <= 0:
+            return 0.0
+        a = self._capped_rate(request_id, match)
+        return sum(a ** j for j in range(1, k + 1))
+
+    def _capped_rate(self, request_id: str, match: int) -> float:
+        return min(self.rate(request_id, match), 0.99)
+
     def choose(self, request_id: str, match: int, base_rows: int, step_time: "callable[[int], float]",
                limit: int) -> int:
         if match <= 0 or limit <= 0:
             return 0
-        a = min(self.rate(request_id, match), 0.99)
+        a = self._capped_rate(request_id, match)
         best_k, best_rate = 0, 1.0 / step_time(base_rows)
         expected = 1.0
         for k in range(1, min(self.max_draft, limit) + 1):

@@ -179,9 +179,7 @@ def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
     model = _build(arch, sd)
     head = None
     if name in PACKAGED and PACKAGED[name].draft_head and (HEADS / PACKAGED[name].draft_head).exists():
-        head = DraftHead.load(HEADS / PACKAGED[name].draft_head, model.embed.weight)
-        if model.native:
-            head.use_native()
+        head = DraftHead.load(HEADS / PACKAGED[name].draft_head, model.embed.weight)  # native copies: when used
     return LoadedModel(name, display, arch, model, tok, defaults, head)
 
 
