@@ -64,8 +64,13 @@ def _serve(args: argparse.Namespace) -> int:
         loaded[w].model.place(device, getattr(torch, cfg.dtype))
         how = ("quantized weights on the native kernels" if loaded[w].model.native
                else f"{cfg.dtype} weights in torch on {cfg.device}")
-        head = "; fast lane: prompt lookup and a trained draft head" if loaded[w].draft_head and cfg.draft_head else ""
-        print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step{head}",
+        sources = ["prompt lookup"]
+        if loaded[w].draft_corpus is not None and cfg.draft_corpus:
+            sources.append(f"a corpus of its answers ({len(loaded[w].draft_corpus) // 1000}k tokens)")
+        if loaded[w].draft_head is not None and cfg.draft_head:
+            sources.append("a trained draft head")
+        print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step; fast lane "
+              f"drafts from {' and '.join(sources)}",
               file=sys.stderr, flush=True)
     db_path = _database(args, server)
     platform = Platform(Database(db_path), open_mode=bool(server.get("open_mode", True)), limits=settings.limits)
@@ -200,10 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(b)
     add_compare_arguments(b)
     b.set_defaults(func=_bench)
-    t = sub.add_parser("train-head", help="train a model's fast-lane draft head on its own answers (minutes)")
+    t = sub.add_parser("train-head", help="collect a model's answers to training prompts into its fast-lane draft "
+                       "corpus and train its draft head on them (minutes)")
     t.add_argument("--model", default=DEFAULT_MODEL, help="the model to train a head for (default %(default)s)")
     t.add_argument("--out", default=None,
-                   help="where to write the head (default: the packaged model's head file in the package)")
+                   help="where to write the head, the corpus going next to it as NAME.corpus.safetensors "
+                   "(default: the packaged model's files in the package)")
+    t.add_argument("--corpus-only", action="store_true", help="write the corpus, train no head")
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--inter", type=int, default=1024, help="the head MLP's inner width (default %(default)s)")
     t.add_argument("--vocab", type=int, default=8192, help="most tokens the head can draft: the commonest in the "

@@ -56,6 +56,9 @@ class EngineConfig:
     # Speculating lanes also draft with the model's trained draft head, if it has one. Off: on the
     # development CPU the packaged head's drafts did not pay for their cost (see the README).
     draft_head: bool = False
+    # Speculating lanes also draft from the model's draft corpus (its own answers to training
+    # prompts, searched for the context's suffix), if it has one.
+    draft_corpus: bool = True
     # When both lanes are busy the fast lane gets enough passes per standard pass for its
     # requests to run at least `fast_share_target` times a standard stream's speed.
     fast_share_target: float = 2.5

@@ -1,15 +1,17 @@
-"""`fastmode train-head`: train a model's fast-lane draft head on the model's own greedy answers.
+"""`fastmode train-head`: a model's fast-lane draft corpus and draft head, from its own greedy answers.
 
 1. Prompts: questions and writing tasks built from templates over a few hundred topics (none of
    them the benchmark's prompts).
 2. The model answers them greedily in the standard lane, many at a time; every pass hands over
-   the residual stream after the head's tapped blocks at each answer position.
+   the residual stream after the head's tapped blocks at each answer position. The answers are
+   written as the model's draft corpus (`engine/corpus.py`).
 3. The head learns, from (tapped states at position t, token t+1), the token t+2 and the
    model's feature there (cross-entropy on the model's token, KL to the model's distribution
    over the head's vocabulary, smooth L1 on the feature), and a second step from its own
    predicted feature (as it is used: drafts after the first start from the head's output).
 
-The shipped head for the default model was made by `fastmode train-head` with its defaults.
+The shipped head and corpus for the default model were made by `fastmode train-head` with its
+defaults.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmode.config import EngineConfig
+from fastmode.engine.corpus import DraftCorpus
 from fastmode.engine.engine import Engine
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.engine.runner import max_threads
@@ -202,6 +205,11 @@ def default_taps(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(4, num_layers - 1), num_layers // 2 - 1, num_layers - 1} - {-1}))
 
 
+def corpus_path(head_path: Path) -> Path:
+    """Where the draft corpus goes next to a head file: NAME.corpus.safetensors."""
+    return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".corpus.safetensors")
+
+
 def run(args: argparse.Namespace) -> int:
     from fastmode.bench.compare import prompt_ids
 
@@ -226,6 +234,13 @@ def run(args: argparse.Namespace) -> int:
     items = [i for i in items if json.dumps(i["messages"]) not in held_out]
     say(f"{len(items)} prompts, taps after blocks {taps}")
     records = collect(loaded, prompt_ids(loaded.tokenizer, args.model, items), taps, args.max_tokens, progress=say)
+    corpus_out = corpus_path(out)
+    corpus_out.parent.mkdir(parents=True, exist_ok=True)
+    corpus = DraftCorpus.from_answers([ids for ids, _ in records])
+    corpus.save(corpus_out, loaded.arch.vocab_size, {"model": args.model})
+    say(f"wrote {corpus_out} ({len(corpus)} tokens of {corpus.num_answers} answers)")
+    if args.corpus_only:
+        return 0
     counts = collections.Counter(t for ids, _ in records for t in ids)
     vocab = torch.tensor(sorted(t for t, _ in counts.most_common(args.vocab)))
     head = DraftHead(loaded.arch.hidden_size, args.inter, vocab, loaded.model.embed.weight, taps,

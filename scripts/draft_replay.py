@@ -1,8 +1,10 @@
 """How good the fast lane's draft lengths are: replay the greedy outputs a `fastmode bench
---compare` run recorded through the same prompt lookup and draft-length policy the engine
-uses, cost every pass with the pass times that run measured by rows, and compare with a
-draft length chosen knowing which drafts the model will accept (same proposals). Deterministic:
-no timing noise, so policy changes can be judged here before they are measured for real.
+--compare` run recorded through the same prompt lookup, draft corpus (where the model has one;
+`--no-corpus` leaves it out) and draft-length policies the engine uses, cost every pass with
+the pass times that run measured by rows, and compare with the source and draft length chosen
+knowing which drafts the model will accept (same proposals). The draft head is not replayed.
+Deterministic: no timing noise, so policy changes can be judged here before they are measured
+for real.
 
     .venv/bin/python scripts/draft_replay.py bench-results/compare.json [--config default]
 
@@ -20,9 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastmode.config import EngineConfig
-from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup
+from fastmode.engine.corpus import DraftCorpus, proposal_kind
+from fastmode.engine.speculation import (DraftLengthPolicy, PooledDraftLengthPolicy, PromptLookup, Proposal,
+                                         best_proposal)
 
-Choose = Callable[[DraftLengthPolicy, str, int, list[int], list[int], int, int], int]
+# (proposals, request, the output, the position in it, room) -> (the proposal drafted or -1, its length)
+Choose = Callable[[list[Proposal], str, list[int], int, int], tuple[int, int]]
 
 
 def interpolate(pass_ms: dict[int, float]) -> Callable[[int], float]:
@@ -43,26 +48,35 @@ def interpolate(pass_ms: dict[int, float]) -> Callable[[int], float]:
 
 
 def policy_choice(cost: Callable[[int], float]) -> Choose:
-    def choose(policy, rid, match, proposal, output, pos, limit):
-        return policy.choose(rid, match, 1, cost, limit)
+    def choose(proposals, rid, output, pos, room):
+        best, k, _ = best_proposal(proposals, rid, 1, cost, room)
+        return best, k
     return choose
 
 
+def right_tokens(tokens: list[int], output: list[int], pos: int, room: int) -> int:
+    right = 0
+    while right < min(room, len(tokens)) and tokens[right] == output[pos + right]:
+        right += 1
+    return right
+
+
 def perfect_choice(cost: Callable[[int], float]) -> Choose:
-    """The draft length that maximizes tokens per pass time, knowing how many will be accepted."""
-    def choose(policy, rid, match, proposal, output, pos, limit):
-        right = 0
-        while right < limit and proposal[right] == output[pos + right]:
-            right += 1
-        return max(range(right + 1), key=lambda k: (k + 1) / cost(1 + k))
+    """The source and draft length that maximize tokens per pass time, knowing how many will be
+    accepted."""
+    def choose(proposals, rid, output, pos, room):
+        options = [(i, k) for i, (_, _, tokens) in enumerate(proposals)
+                   for k in range(right_tokens(tokens, output, pos, room) + 1)]
+        return max(options, key=lambda o: (o[1] + 1) / cost(1 + o[1]), default=(-1, 0))
     return choose
 
 
 def replay(prompts: list[list[int]], outputs: list[list[int]], cost: Callable[[int], float], choose: Choose,
-           max_draft: int) -> list[float]:
+           max_draft: int, corpus: DraftCorpus | None = None) -> list[float]:
     """Standard time / fast time per prompt, the requests one after another in one lane (as the
-    bench runs them: the policy's lane-wide rates carry from one request to the next)."""
+    bench runs them: the policies' lane-wide rates carry from one request to the next)."""
     policy = DraftLengthPolicy(max_draft)
+    corpus_policy = PooledDraftLengthPolicy(max_draft, prior_acceptance=0.3)  # as the engine's
     ratios = []
     for i, (ids, out) in enumerate(zip(prompts, outputs)):
         rid = f"replay-{i}"
@@ -71,17 +85,21 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], cost: Callable[[i
         lookup.extend(out[:1])  # the first token comes from the prompt's pass, undrafted
         pos, fast = 1, 0.0
         while pos < len(out):
-            proposal = lookup.propose(max_draft)
-            k = choose(policy, rid, lookup.last_match, proposal, out, pos, min(len(out) - pos - 1, len(proposal)))
-            right = 0
-            while right < k and proposal[right] == out[pos + right]:
-                right += 1
+            tokens = lookup.propose(max_draft)
+            proposals: list[Proposal] = [(policy, lookup.last_match, tokens)]
+            if corpus is not None:
+                tokens, match, agreement = corpus.propose(lookup.ids, max_draft)
+                proposals.append((corpus_policy, proposal_kind(match, agreement), tokens))
+            best, k = choose(proposals, rid, out, pos, len(out) - pos - 1)
+            right = right_tokens(proposals[best][2], out, pos, k) if best >= 0 else 0
             new = out[pos:pos + right + 1]
-            policy.observe(rid, lookup.last_match, proposal, new)
+            for source_policy, match, tokens in proposals:
+                source_policy.observe(rid, match, tokens, new)
             lookup.extend(new)
             pos += len(new)
             fast += cost(1 + k)
         policy.forget(rid)
+        corpus_policy.forget(rid)
         ratios.append((len(out) - 1) * cost(1) / fast if fast > 0 else 1.0)
     return ratios
 
@@ -91,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("report", help="compare.json written by `fastmode bench --compare`")
     p.add_argument("--config", default="default", help="which fastmode configuration of the report (default, float32)")
     p.add_argument("--workload", default=None, help="the workload the run used (default: the report's)")
+    p.add_argument("--no-corpus", action="store_true", help="replay prompt lookup alone")
     args = p.parse_args(argv)
 
     from fastmode.bench.compare import prompt_ids
@@ -105,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     suffix = "" if args.config == "default" else f" {args.config}"
     cost = interpolate({int(r): t for r, t in config["pass_ms"].items()})
-    tokenizer = load_model(report["model"], native_kernels=False).tokenizer
+    loaded = load_model(report["model"], native_kernels=False)
+    tokenizer, corpus = loaded.tokenizer, None if args.no_corpus else loaded.draft_corpus
     items = load_workload(args.workload or report.get("workload") or str(WORKLOADS / "dev.jsonl"), None)
     runs = sorted((r for r in report["runs"] if r["contender"] == f"fastmode standard{suffix}" and r["repeat"] == 0),
                   key=lambda r: r["prompt"])
@@ -117,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.config}: pass times {', '.join(f'{r}: {t:.1f} ms' for r, t in config['pass_ms'].items())}; "
           f"ceiling {ceiling:.2f}x")
     for name, choose in (("policy", policy_choice(cost)), ("perfect draft lengths", perfect_choice(cost))):
-        ratios = replay(prompts, outputs, cost, choose, max_draft)
+        ratios = replay(prompts, outputs, cost, choose, max_draft, corpus)
         by_cat: dict[str, list[float]] = {}
         for cat, r in zip(cats, ratios):
             by_cat.setdefault(cat, []).append(r)

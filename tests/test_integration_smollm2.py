@@ -14,7 +14,8 @@ from fastmode.weights.registry import DEFAULT_MODEL, load_model
 
 @pytest.fixture(scope="module")
 def served():
-    # with the packaged draft head on (off by default): its drafts must keep the lanes identical
+    # with the packaged draft corpus (on by default) and draft head (off by default): their
+    # drafts must keep the lanes identical
     state = build_state(load_model(DEFAULT_MODEL), EngineConfig(kv_cache_tokens=16384, draft_head=True))
     with running_server(state) as url:
         yield state, anthropic.Anthropic(base_url=url, api_key="test", max_retries=0)
@@ -77,7 +78,8 @@ def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(served):
     for item, s, f in zip(items, standard, fast):
         assert s == f, f"lanes differ on a {item['category']} prompt"
     engine = state.backends[DEFAULT_MODEL].engine
-    stats = engine.stats  # the packaged draft head drafted, and was right at times
+    stats = engine.stats  # the packaged draft corpus and head drafted, and were right at times
+    assert stats["corpus_drafted"] > 0 and stats["corpus_accepted"] > 0, stats
     assert stats["head_drafted"] > 0 and stats["head_accepted"] > 0, stats
     assert engine.drafter.head.native or not engine.model.native  # on the native kernels once switched on
 

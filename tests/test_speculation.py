@@ -1,4 +1,4 @@
-from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup
+from fastmode.engine.speculation import DraftLengthPolicy, PooledDraftLengthPolicy, PromptLookup
 
 
 def test_prompt_lookup_continues_the_latest_earlier_occurrence():
@@ -59,3 +59,26 @@ def test_new_requests_start_from_the_lane_wide_rate():
     assert p.rate("new", 1) == 0.5
     p.forget("old0")
     assert ("old0", 4) not in p.acceptance
+
+
+def test_pooled_policy_learns_kinds_over_requests_and_a_fit_per_request():
+    """Acceptance per kind is shared; a request whose proposals keep failing, whatever their
+    kind, scales every kind down for itself only, and stops drafting."""
+    cost = lambda rows: 1.0 + 0.05 * (rows - 1)
+    p = PooledDraftLengthPolicy(max_draft=7, prior_acceptance=0.3)
+    assert p.rate("new", 9) == 0.3
+    for i in range(60):  # kind 8 is right, kind 5 is wrong, over many requests
+        p.observe(f"r{i}", 8, [1, 2], [1, 2, 3])
+        p.observe(f"r{i}", 5, [1, 2], [4])
+    assert p.rate("fresh", 8) > 0.7 > 0.1 > p.rate("fresh", 5)
+    assert p.choose("fresh", 8, 1, cost, limit=7) > 0
+    for kind in (8, 9, 10, 11) * 4:  # this request's proposals miss, of every kind
+        p.observe("summary", kind, [1, 2], [7])
+    assert p.rate("summary", 8) < p.rate("fresh", 8) / 2
+    assert p.choose("summary", 8, 1, lambda rows: 1.0 + 0.5 * (rows - 1), limit=7) == 0
+    assert p.choose("fresh", 8, 1, lambda rows: 1.0 + 0.5 * (rows - 1), limit=7) > 0
+    assert p.rate("summary", 12) < p.rate("fresh", 12)  # a kind it never saw is scaled down too
+    p.observe("x", 0, [1], [1])  # no match: nothing learned
+    assert "x" not in p.fit
+    p.forget("summary")
+    assert p.rate("summary", 8) == p.rate("fresh", 8)

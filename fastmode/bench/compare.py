@@ -68,7 +68,9 @@ def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]
 
 
 # the fast lane's other draft-head setting, by whether the engine drafts with the head by default
-OTHER_HEAD = {True: "lookup only", False: "draft head"}
+OTHER_HEAD = {True: "without head", False: "draft head"}
+# and its other draft-corpus setting
+OTHER_CORPUS = {True: "without corpus", False: "draft corpus"}
 
 
 def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str = "", device: str = "cpu",
@@ -83,18 +85,21 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
 
     loaded = load_model(model_name, native_kernels=native)
     engine = Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384, device=device, dtype=dtype),
-                    loaded.tokenizer.eos_ids, draft_head=loaded.draft_head)
+                    loaded.tokenizer.eos_ids, draft_head=loaded.draft_head, draft_corpus=loaded.draft_corpus)
     torch.set_num_threads(threads or torch.get_num_threads())
 
-    default_head = engine.drafter is not None
+    default_head, default_corpus = engine.drafter is not None, engine.corpus is not None
 
-    def lane(which: Lane, head: bool | None = None) -> Generate:
-        """`head`: draft with the model's draft head or not, for this contender only."""
+    def lane(which: Lane, head: bool | None = None, corpus: bool | None = None) -> Generate:
+        """`head`, `corpus`: draft with the model's draft head / corpus or not, for this
+        contender only."""
         def generate(ids: list[int], max_tokens: int) -> Iterator[int]:
             got: list[int] = []
             done: list[bool] = []
             if head is not None:  # one request at a time: the switch is its own
                 engine.use_draft_head(head)
+            if corpus is not None:
+                engine.use_draft_corpus(corpus)
             engine.add(f"cmp-{time.monotonic_ns()}", ids, SamplingParams(max_tokens=max_tokens), which,
                        lambda d: (got.extend(d.token_ids), d.status.finished and done.append(True)))
             sent = 0
@@ -108,6 +113,7 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
                         return
             finally:
                 engine.use_draft_head(default_head)
+                engine.use_draft_corpus(default_corpus)
         return generate
 
     def many(prompts: list[list[int]], max_tokens: int) -> float:
@@ -157,6 +163,8 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
         return {r: statistics.median(ts) for r, ts in times.items()}
 
     lanes = {f"fastmode standard{suffix}": lane(Lane.STANDARD), f"fastmode fast{suffix}": lane(Lane.FAST)}
+    if loaded.draft_corpus is not None:  # the fast lane with the other corpus setting, interleaved
+        lanes[f"fastmode fast {OTHER_CORPUS[default_corpus]}{suffix}"] = lane(Lane.FAST, corpus=not default_corpus)
     if loaded.draft_head is not None:  # the fast lane with the other draft-head setting, interleaved
         lanes[f"fastmode fast {OTHER_HEAD[default_head]}{suffix}"] = lane(Lane.FAST, head=not default_head)
     return lanes, loaded, many, pass_times
@@ -351,10 +359,11 @@ def run_compare(args: argparse.Namespace) -> int:
             "weight_bytes": lm.weight_bytes, "decode_bandwidth_gbs": lm.weight_bytes * std_otps / 1e9,
             "identical_fast_standard": [same, sum(1 for a in runs if a.contender == fast)],
             "fast_over_standard": {cat: row[fast] / row[std] for cat, row in table.items() if row[std] > 0}}
-        for label in OTHER_HEAD.values():
-            if (other := f"fastmode fast {label}{suffix}") in names:
-                configs[suffix.strip() or "default"]["other_head_over_standard"] = {
-                    "label": label, **{cat: row[other] / row[std] for cat, row in table.items() if row[std] > 0}}
+        variants = {label: {cat: row[other] / row[std] for cat, row in table.items() if row[std] > 0}
+                    for label in [*OTHER_CORPUS.values(), *OTHER_HEAD.values()]
+                    if (other := f"fastmode fast {label}{suffix}") in names}
+        if variants:  # the fast lane with another drafting setting
+            configs[suffix.strip() or "default"]["variants_over_standard"] = variants
         if suffix in costs:
             configs[suffix.strip() or "default"].update({
                 "pass_context": contexts[suffix], "pass_ms": {r: t * 1e3 for r, t in costs[suffix].items()},
@@ -433,9 +442,7 @@ def markdown(report: dict[str, Any], names: list[str]) -> str:
         lines.append(f"- fastmode {label} ({c['weights']}): {c['weight_bytes'] / 1e6:.0f} MB of weights read per "
                      f"decode step, so the standard lane streams {c['decode_bandwidth_gbs']:.1f} GB/s; fast / "
                      f"standard: {ratios}; greedy outputs identical between the lanes: {same}/{pairs}.")
-        if "other_head_over_standard" in c:
-            other = dict(c["other_head_over_standard"])
-            what = other.pop("label")
+        for what, other in c.get("variants_over_standard", {}).items():
             lines.append(f"- fastmode {label}, fast lane {what} / standard: "
                          + ", ".join(f"{cat} {r:.2f}x" for cat, r in other.items()) + ".")
     for label, c in report["configs"].items():

@@ -12,13 +12,14 @@ import torch
 
 from fastmode.config import EngineConfig
 from fastmode.engine.block_manager import BlockManager
+from fastmode.engine.corpus import DraftCorpus, proposal_kind
 from fastmode.engine.head_drafter import HeadDrafter
 from fastmode.engine.prefix_cache import CacheSpec, PrefixCache
 from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
 from fastmode.engine.runner import Runner, ThreadChooser, max_threads
 from fastmode.engine.sampler import probabilities, verify
 from fastmode.engine.scheduler import Scheduled, Scheduler
-from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup
+from fastmode.engine.speculation import DraftLengthPolicy, PooledDraftLengthPolicy, PromptLookup, best_proposal
 from fastmode.model.draft_head import DraftHead
 from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
@@ -39,9 +40,11 @@ class Engine:
     the engine thread (started by `start`) or directly in tests."""
 
     def __init__(self, model: Llama, config: EngineConfig, eos_ids: list[int],
-                 clock: Callable[[], float] = time.monotonic, draft_head: DraftHead | None = None) -> None:
-        """`clock` times prompt-cache TTLs (tests inject one). `draft_head`: the model's
-        trained draft head, used by speculating lanes (unless `config.draft_head` is off)."""
+                 clock: Callable[[], float] = time.monotonic, draft_head: DraftHead | None = None,
+                 draft_corpus: DraftCorpus | None = None) -> None:
+        """`clock` times prompt-cache TTLs (tests inject one). `draft_head` and `draft_corpus`:
+        the model's trained draft head and its corpus of answers, which speculating lanes draft
+        from too (unless `config.draft_head` / `config.draft_corpus` is off)."""
         torch.set_num_threads(config.num_threads if config.num_threads > 0 else max_threads())
         self.config = config
         self.model = model
@@ -62,9 +65,14 @@ class Engine:
                              ThreadChooser(list(range(max_threads(), 0, -1))) if auto else None)
         self.prefix = PrefixCache(self.blocks, config.prefill_chunk, clock)
         self.scheduler = Scheduler(config, self.blocks, self.prefix)
-        self.policy = DraftLengthPolicy(config.max_draft)
+        self.policy = DraftLengthPolicy(config.max_draft)  # prompt lookup's
+        self._corpus = draft_corpus
+        self.corpus = draft_corpus if config.draft_corpus else None  # see use_draft_corpus
+        # the corpus's: rates of its own, per kind of proposal, starting near its usual first-token rate
+        self.corpus_policy = PooledDraftLengthPolicy(config.max_draft, prior_acceptance=0.3)
         self.lookups: dict[str, PromptLookup] = {}
-        self.proposals: dict[str, list[tuple[int | str, list[int]]]] = {}  # request -> (source, proposal)s this step
+        # request -> this step's proposals: (its policy and match length, or None for the head's; tokens)
+        self.proposals: dict[str, list[tuple[tuple[DraftLengthPolicy, int] | None, list[int]]]] = {}
         self._drafter = HeadDrafter(draft_head, config.max_draft) if draft_head is not None else None
         self.drafter: HeadDrafter | None = None  # the head's drafter when in use (see use_draft_head)
         self.use_draft_head(config.draft_head)
@@ -77,7 +85,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._inbox_adds = 0  # requests added but not yet taken from the inbox
-        self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "head_drafted": 0, "head_accepted": 0}
+        self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "head_drafted": 0, "head_accepted": 0,
+                      "corpus_drafted": 0, "corpus_accepted": 0}
         self.tokens_per_pass: dict[str, float] = {}  # fast requests: running average of tokens a pass
 
     # ---- thread-safe API -------------------------------------------------------------------
@@ -103,6 +112,10 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    def use_draft_corpus(self, on: bool) -> None:
+        """From the next pass on, draft from the model's corpus (if it has one) or not."""
+        self.corpus = self._corpus if on else None
 
     def use_draft_head(self, on: bool) -> None:
         """From the next pass on, draft with the model's head (if it has one) or not (no head,
@@ -231,32 +244,36 @@ class Engine:
         return True
 
     def _propose(self, plan: list[Scheduled]) -> None:
-        """Drafts for each decoding request: prompt lookup's proposal at the length the policy
-        prices best, or the draft head's tokens where those promise more (HeadDrafter)."""
+        """Drafts for each decoding request: the proposal of prompt lookup or of the draft corpus
+        that, at the length its policy prices best, promises the most tokens per second of pass,
+        or the draft head's tokens where those promise more (HeadDrafter)."""
         rows = sum(item.num_tokens for item in plan)
-        for_head: list[tuple[Scheduled, float]] = []  # items the head drafts for, with lookup's expected tokens
+        for_head: list[tuple[Scheduled, float]] = []  # items the head drafts for, with the expected tokens of their drafts
         for item in plan:
             r = item.request
             if r.in_prefill:
                 continue
+            rid = r.request_id
             room = r.token_budget - r.num_tokens - 1  # drafts + the verifier's token fit the budget
-            lookup = self.lookups[r.request_id]
-            proposal = lookup.propose(self.config.max_draft)
-            k = self.policy.choose(r.request_id, lookup.last_match, rows, self.runner.step_time,
-                                   min(room, len(proposal)))
-            item.drafts = proposal[:k]
-            self.proposals[r.request_id] = [(lookup.last_match, proposal)]
-            rows += len(item.drafts)
-            if self.drafter is not None:
-                lookup_expected = self.policy.expected_drafts(r.request_id, lookup.last_match, k)
-                if self.drafter.wants(r.request_id, lookup_expected, rows, self.runner.step_time):
-                    for_head.append((item, lookup_expected))
+            lookup = self.lookups[rid]
+            tokens = lookup.propose(self.config.max_draft)
+            sources, proposals = ["lookup"], [(self.policy, lookup.last_match, tokens)]
+            if self.corpus is not None:  # its policy learns per match length and agreement class
+                tokens, match, agreement = self.corpus.propose(lookup.ids, self.config.max_draft)
+                sources.append("corpus")
+                proposals.append((self.corpus_policy, proposal_kind(match, agreement), tokens))
+            best, best_k, expected = best_proposal(proposals, rid, rows, self.runner.step_time, room)
+            item.drafts, item.draft_source = (proposals[best][2][:best_k], sources[best]) if best >= 0 else ([], "")
+            self.proposals[rid] = [((policy, match), tokens) for policy, match, tokens in proposals if match]
+            rows += best_k
+            if self.drafter is not None and self.drafter.wants(rid, expected, rows, self.runner.step_time):
+                for_head.append((item, expected))
         if for_head:
             assert self.drafter is not None
             for (item, _), drafts in zip(for_head, self.drafter.draft(for_head, rows, self.runner.step_time)):
                 if drafts:
-                    item.drafts = drafts
-                    self.proposals[item.request.request_id].append(("head", drafts))
+                    item.drafts, item.draft_source = drafts, "head"
+                    self.proposals[item.request.request_id].append((None, drafts))
 
     def _update(self, item: Scheduled, logits: torch.Tensor, features: torch.Tensor | None = None) -> None:
         r = item.request
@@ -285,13 +302,17 @@ class Engine:
         if features is not None and self.drafter is not None:  # the head starts at the last token kept
             self.drafter.remember(r.request_id, features[accepted], new[accepted])
         for source, proposal in self.proposals.pop(r.request_id, []):
-            if isinstance(source, str):  # the head's drafts
+            if source is None:  # the head's drafts
                 self.stats["head_drafted"] += len(proposal)
                 self.stats["head_accepted"] += accepted
                 if self.drafter is not None:
                     self.drafter.observe(r.request_id, accepted)
-            else:
-                self.policy.observe(r.request_id, source, proposal, new)
+                continue
+            policy, match = source
+            policy.observe(r.request_id, match, proposal, new)
+        if item.draft_source == "corpus":
+            self.stats["corpus_drafted"] += len(item.drafts)
+            self.stats["corpus_accepted"] += accepted
         status = Status.RUNNING
         for i, tok in enumerate(new):
             if tok in self.eos:
@@ -323,6 +344,7 @@ class Engine:
         self.prefix.forget(r.request_id)
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
+        self.corpus_policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
         _emit(r, TokenDelta(r.request_id, new, r.status))
 

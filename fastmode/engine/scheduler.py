@@ -15,6 +15,7 @@ class Scheduled:
     request: Request
     num_tokens: int  # tokens of the request's own sequence computed this step (drafts excluded)
     drafts: list[int]  # draft tokens appended after them (decode only)
+    draft_source: str = ""  # where the drafts came from: "lookup", "corpus" or "head"
 
 
 class Scheduler:

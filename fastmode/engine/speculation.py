@@ -107,3 +107,61 @@ class DraftLengthPolicy:
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
+
+
+class PooledDraftLengthPolicy(DraftLengthPolicy):
+    """A DraftLengthPolicy for a source with many kinds of proposal (the draft corpus: match
+    length x agreement class), where one request sees too few proposals of each kind to learn
+    their rates itself. A kind's acceptance is learned over all requests; a request scales it
+    by a factor learned over all of its own proposals, of every kind (accepted tokens over the
+    tokens the kinds' rates promised), so a request whose text the source fits badly (a
+    summary, against the corpus's stock phrases) soon stops drafting from it.
+    """
+
+    def __init__(self, max_draft: int, prior_acceptance: float = 0.5, decay: float = 0.8,
+                 shared_decay: float = 0.97) -> None:
+        super().__init__(max_draft, prior_acceptance, decay, shared_decay)
+        self.fit: dict[str, tuple[float, float]] = {}  # request -> decaying (accepted, promised)
+
+    def rate(self, request_id: str, match: int) -> float:
+        accepted, promised = self.fit.get(request_id, (0.0, 0.0))
+        return self.shared.get(match, self.prior) * (accepted + 1.0) / (promised + 1.0)
+
+    def observe(self, request_id: str, match: int, proposal: list[int], produced: list[int]) -> None:
+        if match <= 0 or not proposal:
+            return
+        shared = self.shared.get(match, self.prior)
+        hits = promised = 0.0
+        for want, got in zip(proposal, produced):
+            hit = 1.0 if want == got else 0.0
+            promised += shared
+            hits += hit
+            shared = self.shared_decay * shared + (1 - self.shared_decay) * hit
+            if not hit:
+                break
+        self.shared[match] = shared
+        accepted, before = self.fit.get(request_id, (0.0, 0.0))
+        self.fit[request_id] = (self.decay * accepted + hits, self.decay * before + promised)
+
+    def forget(self, request_id: str) -> None:
+        self.fit.pop(request_id, None)
+
+
+Proposal = tuple[DraftLengthPolicy, int, list[int]]  # (its source's policy, its match or kind, tokens)
+
+
+def best_proposal(proposals: list[Proposal], request_id: str, rows: int, step_time: "callable[[int], float]",
+                  room: int) -> tuple[int, int, float]:
+    """Of several sources' proposals, the one that, drafted at the length its own policy prices
+    best, promises the most tokens per second of pass: (its index, that length, the accepted
+    tokens it is expected to yield); (-1, 0, 0.0) where drafting nothing is best."""
+    best, best_k, best_gain, best_rate = -1, 0, 0.0, 0.0
+    for i, (policy, match, tokens) in enumerate(proposals):
+        k = policy.choose(request_id, match, rows, step_time, min(room, len(tokens)))
+        if k == 0:
+            continue
+        gain = policy.expected_drafts(request_id, match, k)
+        rate = (1.0 + gain) / step_time(rows + k)
+        if rate > best_rate:
+            best, best_k, best_gain, best_rate = i, k, gain, rate
+    return best, best_k, best_gain

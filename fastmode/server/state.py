@@ -58,7 +58,8 @@ def build_state(models: LoadedModel | dict[str, LoadedModel], engine_config: Eng
         eos = tok.token_text(tok.eos_ids[0]) if tok.eos_ids else ""
         bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
         backends[weights] = Backend(loaded, Engine(loaded.model, engine_config, tok.eos_ids,
-                                                   draft_head=loaded.draft_head),
+                                                   draft_head=loaded.draft_head,
+                                                   draft_corpus=loaded.draft_corpus),
                                     ChatTemplate(tok.chat_template, bos, eos))
     for e in catalog.entries:
         if e.weights not in backends:

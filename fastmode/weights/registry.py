@@ -14,6 +14,7 @@ import torch
 
 from fastmode import kernels
 from fastmode.config import DecodingDefaults, ModelArch
+from fastmode.engine.corpus import DraftCorpus
 from fastmode.model.draft_head import DraftHead
 from fastmode.model.llama import Llama, QLinear
 from fastmode.tokenizer.tokenizer import Tokenizer
@@ -33,6 +34,7 @@ class PackagedModel:
     display_name: str
     defaults: DecodingDefaults
     draft_head: str | None = None  # a file in fastmode/weights/heads/: the fast lane's trained draft head
+    draft_corpus: str | None = None  # a file there too: the model's answers the fast lane drafts from
 
 
 PACKAGED = {
@@ -44,6 +46,7 @@ PACKAGED = {
         # Greedy: deterministic answers, and the model's card finds small models do best near-greedy.
         defaults=DecodingDefaults(temperature=0.0, top_p=1.0, top_k=0),
         draft_head="smollm2-135m-instruct.safetensors",
+        draft_corpus="smollm2-135m-instruct.corpus.safetensors",
     ),
 }
 HEADS = Path(__file__).with_name("heads")
@@ -62,6 +65,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     defaults: DecodingDefaults
     draft_head: DraftHead | None = None
+    draft_corpus: DraftCorpus | None = None
 
     @property
     def weight_bytes(self) -> int:
@@ -180,7 +184,10 @@ def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
     head = None
     if name in PACKAGED and PACKAGED[name].draft_head and (HEADS / PACKAGED[name].draft_head).exists():
         head = DraftHead.load(HEADS / PACKAGED[name].draft_head, model.embed.weight)  # native copies: when used
-    return LoadedModel(name, display, arch, model, tok, defaults, head)
+    corpus = None
+    if name in PACKAGED and PACKAGED[name].draft_corpus and (HEADS / PACKAGED[name].draft_corpus).exists():
+        corpus = DraftCorpus.load(HEADS / PACKAGED[name].draft_corpus, arch.vocab_size)
+    return LoadedModel(name, display, arch, model, tok, defaults, head, corpus)
 
 
 def _weight_bytes(model: Llama) -> int:
