@@ -118,8 +118,15 @@ def test_the_corpus_switches_off(tiny, answers):
     assert engine.stats["corpus_drafted"] > 0
 
 
-def test_train_head_writes_the_corpus_next_to_the_head(tmp_path):
-    assert headtrain.corpus_path(tmp_path / "m.safetensors") == tmp_path / "m.corpus.safetensors"
+def test_train_head_corpus_only_writes_the_answers_next_to_the_head_path(tmp_path, tiny):
+    from fastmode.cli import main
+    out = tmp_path / "m.safetensors"
+    assert headtrain.corpus_path(out) == tmp_path / "m.corpus.safetensors"
+    assert main(["train-head", "--model", "tiny-random", "--out", str(out), "--corpus-only", "--prompts", "6",
+                 "--max-tokens", "12"]) == 0
+    assert not out.exists()  # no head trained
+    corpus = DraftCorpus.load(headtrain.corpus_path(out), tiny.arch.vocab_size)
+    assert corpus.num_answers == 6 and 6 * 3 <= len(corpus) <= 6 * 12
 
 
 def test_default_model_ships_a_corpus_of_its_answers():
