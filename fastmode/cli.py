@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "corpus and train its draft head on them (minutes)")
     t.add_argument("--model", default=DEFAULT_MODEL, help="the model to train a head for (default %(default)s)")
     t.add_argument("--out", default=None,
-                   help="where to write the head, the corpus going next to it as NAME.corpus.safetensors "
-                   "(default: the packaged model's files in the package)")
+                   help="the head's file NAME.safetensors, the corpus going next to it as "
+                   "NAME.corpus.safetensors (default: where the server looks for them: in the package for a "
+                   "packaged model, MODEL.head.safetensors next to a local MODEL.gguf)")
     t.add_argument("--corpus-only", action="store_true", help="write the corpus, train no head")
     t.add_argument("--epochs", type=int, default=2)
     t.add_argument("--inter", type=int, default=1024, help="the head MLP's inner width (default %(default)s)")

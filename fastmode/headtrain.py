@@ -33,7 +33,7 @@ from fastmode.engine.engine import Engine
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.engine.runner import max_threads
 from fastmode.model.draft_head import DraftHead
-from fastmode.weights.registry import DEFAULT_MODEL, HEADS, PACKAGED, LoadedModel, load_model
+from fastmode.weights.registry import DEFAULT_MODEL, LoadedModel, corpus_path, draft_files, load_model
 
 TOPICS = (
     "photosynthesis|black holes|the water cycle|volcanoes|earthquakes|the immune system|DNA|electricity|magnets|"
@@ -97,10 +97,12 @@ def training_prompts(seed: int = 0, per_topic: int = 7) -> list[str]:
 def collect(loaded: LoadedModel, prompts: list[list[int]], taps: tuple[int, ...], max_tokens: int = 200,
             streams: int = 16, progress: Callable[[str], None] = lambda s: None) -> list[tuple[list[int], torch.Tensor]]:
     """The model's greedy answers to these prompts, each with the tapped residual stream at the
-    position before each of its tokens: [(answer ids, [len(answer), len(taps), hidden] float16)]."""
+    position before each of its tokens: [(answer ids, [len(answer), len(taps), hidden] float16)]
+    (no taps: the answers alone, with empty tensors)."""
     engine = Engine(loaded.model, EngineConfig(kv_cache_tokens=streams * (max_tokens + 512)), loaded.tokenizer.eos_ids)
     rows: dict[str, list[torch.Tensor]] = collections.defaultdict(list)
-    engine.tap_features(taps, lambda rid, f: rows[rid].append(f.to(torch.float16)))
+    if taps:
+        engine.tap_features(taps, lambda rid, f: rows[rid].append(f.to(torch.float16)))
     records = []
     t0, tokens = time.monotonic(), 0
     for s in range(0, len(prompts), streams):
@@ -114,7 +116,7 @@ def collect(loaded: LoadedModel, prompts: list[list[int]], taps: tuple[int, ...]
         while len(done) < len(outs):
             engine.step()
         for rid, out in outs.items():
-            feats = torch.cat(rows.pop(rid))[:len(out)]
+            feats = torch.cat(rows.pop(rid))[:len(out)] if taps else torch.empty(len(out), 0, 0)
             if len(out) >= 3:
                 records.append((out, feats))
             tokens += len(out)
@@ -205,11 +207,6 @@ def default_taps(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(4, num_layers - 1), num_layers // 2 - 1, num_layers - 1} - {-1}))
 
 
-def corpus_path(head_path: Path) -> Path:
-    """Where the draft corpus goes next to a head file: NAME.corpus.safetensors."""
-    return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".corpus.safetensors")
-
-
 def run(args: argparse.Namespace) -> int:
     from fastmode.bench.compare import prompt_ids
 
@@ -217,10 +214,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastmode train-head: {msg}", file=sys.stderr, flush=True)
 
     evals_path = Path(args.eval) if args.eval else Path(__file__).parent / "bench" / "workloads" / "dev.jsonl"
-    out = Path(args.out) if args.out else (HEADS / PACKAGED[args.model].draft_head if args.model in PACKAGED and PACKAGED[args.model].draft_head
-                       else None)
+    out = Path(args.out) if args.out else draft_files(args.model)
     if out is None:
-        raise ValueError(f"{args.model} has no packaged head file: pass --out")
+        raise ValueError(f"{args.model} has no place for a head file: pass --out")
     loaded = load_model(args.model)
     if not loaded.arch.tie_embeddings and not args.corpus_only:
         raise ValueError(f"{args.model}: its output matrix is not tied to its embedding, which the head reads "
@@ -232,8 +228,9 @@ def run(args: argparse.Namespace) -> int:
     evals = [json.loads(line) for line in evals_path.read_text().splitlines() if line.strip()]
     held_out = {json.dumps(e["messages"]) for e in evals}
     items = [i for i in items if json.dumps(i["messages"]) not in held_out]
-    say(f"{len(items)} prompts, taps after blocks {taps}")
-    records = collect(loaded, prompt_ids(loaded.tokenizer, args.model, items), taps, args.max_tokens, progress=say)
+    say(f"{len(items)} prompts" + ("" if args.corpus_only else f", taps after blocks {taps}"))
+    records = collect(loaded, prompt_ids(loaded.tokenizer, args.model, items), () if args.corpus_only else taps,
+                      args.max_tokens, progress=say)
     corpus_out = corpus_path(out)
     corpus_out.parent.mkdir(parents=True, exist_ok=True)
     corpus = DraftCorpus.from_answers([ids for ids, _ in records])

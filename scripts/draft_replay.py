@@ -22,9 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fastmode.config import EngineConfig
-from fastmode.engine.corpus import DraftCorpus, proposal_kind
-from fastmode.engine.speculation import (DraftLengthPolicy, PooledDraftLengthPolicy, PromptLookup, Proposal,
-                                         best_proposal)
+from fastmode.engine.corpus import DraftCorpus, draft_policy
+from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup, Proposal, best_proposal
 
 # (proposals, request, the output, the position in it, room) -> (the proposal drafted or -1, its length)
 Choose = Callable[[list[Proposal], str, list[int], int, int], tuple[int, int]]
@@ -76,7 +75,7 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], cost: Callable[[i
     """Standard time / fast time per prompt, the requests one after another in one lane (as the
     bench runs them: the policies' lane-wide rates carry from one request to the next)."""
     policy = DraftLengthPolicy(max_draft)
-    corpus_policy = PooledDraftLengthPolicy(max_draft, prior_acceptance=0.3)  # as the engine's
+    corpus_policy = draft_policy(max_draft)
     ratios = []
     for i, (ids, out) in enumerate(zip(prompts, outputs)):
         rid = f"replay-{i}"
@@ -88,8 +87,8 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], cost: Callable[[i
             tokens = lookup.propose(max_draft)
             proposals: list[Proposal] = [(policy, lookup.last_match, tokens)]
             if corpus is not None:
-                tokens, match, agreement = corpus.propose(lookup.ids, max_draft)
-                proposals.append((corpus_policy, proposal_kind(match, agreement), tokens))
+                kind, tokens = corpus.proposal(lookup.ids, max_draft)
+                proposals.append((corpus_policy, kind, tokens))
             best, k = choose(proposals, rid, out, pos, len(out) - pos - 1)
             right = right_tokens(proposals[best][2], out, pos, k) if best >= 0 else 0
             new = out[pos:pos + right + 1]

@@ -10,7 +10,7 @@ from fastmode import headtrain
 from fastmode.engine.corpus import MAJORITY, MINORITY, ONCE, UNANIMOUS, DraftCorpus, DraftCorpusError
 from fastmode.engine.engine import Engine
 from fastmode.engine.request import Lane
-from fastmode.weights.registry import DEFAULT_MODEL, HEADS, PACKAGED
+from fastmode.weights.registry import DEFAULT_MODEL, corpus_path, draft_files
 
 from conftest import small_engine_config
 from test_draft_head import random_prompts, run
@@ -40,8 +40,8 @@ def test_proposes_what_followed_the_longest_matching_suffix():
     assert corpus.propose([42, 43], 4) == ([], 0, 0)  # nothing matches
     assert corpus.propose([1, 2], 0) == ([], 0, 0) and corpus.propose([], 3) == ([], 0, 0)
     assert corpus.propose([6], 4) == ([], 0, 0)  # an answer's last token has nothing after it
-    minority = DraftCorpus.from_answers([[1, 2], [1, 3], [1, 4], [1, 2]])
-    assert minority.propose([1], 1) == ([2], 1, MAJORITY)
+    half = DraftCorpus.from_answers([[1, 2], [1, 3], [1, 4], [1, 2]])  # 2 of 4: a majority
+    assert half.propose([1], 1) == ([2], 1, MAJORITY)
     assert DraftCorpus.from_answers([[1, 2], [1, 3], [1, 4], [1, 2], [1, 5]]).propose([1], 1)[2] == MINORITY
 
 
@@ -73,14 +73,20 @@ def test_file_round_trips_and_refuses_what_does_not_fit(tmp_path):
     assert again.propose([40000, 2], 2) == ([3, 5], 2, ONCE)
     with pytest.raises(DraftCorpusError, match="vocabulary"):
         DraftCorpus.load(path, vocab_size=32000)
-    with pytest.raises(DraftCorpusError, match="16-bit"):
-        corpus.save(tmp_path / "big.safetensors", vocab_size=100_000)
+    wide = DraftCorpus.from_answers([[99_999, 70_000, 1], [70_000, 1, 5]], max_ngram=2)
+    wide.save(tmp_path / "wide.safetensors", vocab_size=100_000)  # ids past 16 bits: stored in 32
+    again = DraftCorpus.load(tmp_path / "wide.safetensors", vocab_size=100_000)
+    assert np.array_equal(again.tokens, wide.tokens) and again.propose([70_000], 3) == ([1], 1, UNANIMOUS)
     with pytest.raises(DraftCorpusError, match="outside"):
         corpus.save(tmp_path / "small.safetensors", vocab_size=1000)
     save_file({"tokens": torch.tensor([5, 65535], dtype=torch.uint16)}, str(tmp_path / "odd.safetensors"),
               metadata={"format": "fastmode-draft-corpus", "vocab_size": "4"})
     with pytest.raises(DraftCorpusError, match="outside"):
         DraftCorpus.load(tmp_path / "odd.safetensors", vocab_size=4)
+    save_file({"tokens": torch.tensor([1, 2], dtype=torch.uint16)}, str(tmp_path / "cut.safetensors"),
+              metadata={"format": "fastmode-draft-corpus", "vocab_size": "4"})
+    with pytest.raises(DraftCorpusError, match="answer's end"):
+        DraftCorpus.load(tmp_path / "cut.safetensors", vocab_size=4)
     save_file({"tokens": torch.tensor([1, 2], dtype=torch.uint16)}, str(tmp_path / "head.safetensors"))
     with pytest.raises(DraftCorpusError, match="not a draft corpus"):
         DraftCorpus.load(tmp_path / "head.safetensors", vocab_size=4)
@@ -121,18 +127,29 @@ def test_the_corpus_switches_off(tiny, answers):
 def test_train_head_corpus_only_writes_the_answers_next_to_the_head_path(tmp_path, tiny):
     from fastmode.cli import main
     out = tmp_path / "m.safetensors"
-    assert headtrain.corpus_path(out) == tmp_path / "m.corpus.safetensors"
+    assert corpus_path(out) == tmp_path / "m.corpus.safetensors"
     assert main(["train-head", "--model", "tiny-random", "--out", str(out), "--corpus-only", "--prompts", "6",
                  "--max-tokens", "12"]) == 0
     assert not out.exists()  # no head trained
-    corpus = DraftCorpus.load(headtrain.corpus_path(out), tiny.arch.vocab_size)
+    corpus = DraftCorpus.load(corpus_path(out), tiny.arch.vocab_size)
     assert corpus.num_answers == 6 and 6 * 3 <= len(corpus) <= 6 * 12
+
+
+def test_a_local_model_uses_the_corpus_beside_it(tmp_path, tiny_q4):
+    import shutil
+    from fastmode.weights.registry import load_model
+    gguf = tmp_path / "m.gguf"
+    shutil.copy(tiny_q4.name, gguf)  # a copy: the session's model file stays without a corpus
+    assert draft_files(str(gguf)) == tmp_path / "m.head.safetensors"
+    assert load_model(str(gguf)).draft_corpus is None
+    DraftCorpus.from_answers([[5, 6, 7]]).save(corpus_path(draft_files(str(gguf))), tiny_q4.arch.vocab_size)
+    corpus = load_model(str(gguf)).draft_corpus
+    assert corpus is not None and corpus.propose([5], 2) == ([6, 7], 1, ONCE)
 
 
 def test_default_model_ships_a_corpus_of_its_answers():
     from fastmode.weights.registry import load_model
-    spec = PACKAGED[DEFAULT_MODEL]
-    assert spec.draft_corpus and (HEADS / spec.draft_corpus).exists()
+    assert corpus_path(draft_files(DEFAULT_MODEL)).exists()
     loaded = load_model(DEFAULT_MODEL)
     corpus = loaded.draft_corpus
     assert corpus is not None and len(corpus) > 100_000 and corpus.num_answers > 1000

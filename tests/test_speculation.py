@@ -1,3 +1,5 @@
+import pytest
+
 from fastmode.engine.speculation import DraftLengthPolicy, PooledDraftLengthPolicy, PromptLookup
 
 
@@ -82,3 +84,16 @@ def test_pooled_policy_learns_kinds_over_requests_and_a_fit_per_request():
     assert "x" not in p.fit
     p.forget("summary")
     assert p.rate("summary", 8) == p.rate("fresh", 8)
+
+
+def test_best_proposal_takes_the_source_promising_most_tokens_per_second():
+    from fastmode.engine.speculation import best_proposal
+    cost = lambda rows: 1.0 + 0.05 * (rows - 1)
+    good, poor = DraftLengthPolicy(7, prior_acceptance=0.9), DraftLengthPolicy(7, prior_acceptance=0.2)
+    proposals = [(poor, 2, [1, 2, 3]), (good, 3, [4, 5, 6, 7])]
+    best, k, gain = best_proposal(proposals, "r", 1, cost, room=10)
+    assert best == 1 and k == 4 and gain == pytest.approx(sum(0.9 ** j for j in range(1, 5)))
+    assert best_proposal(proposals, "r", 1, cost, room=2)[:2] == (1, 2)  # the budget caps the draft
+    assert best_proposal(proposals[:1] + [(good, 0, [])], "r", 1, lambda rows: float(rows), 10) == (-1, 0, 0.0)
+    tie = [(DraftLengthPolicy(7, 0.9), 1, [1]), (DraftLengthPolicy(7, 0.9), 1, [2])]
+    assert best_proposal(tie, "r", 1, cost, 10)[0] == 0  # a tie goes to the first source (prompt lookup)

@@ -25,17 +25,28 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from fastmode.engine.speculation import PooledDraftLengthPolicy
+
 MASK = (1 << 64) - 1
 BASE = 0x100000001B3  # an odd 64-bit multiplier; hashes wrap modulo 2**64
 SEPARATOR = -1  # between answers: no n-gram spans it and no proposal runs past it
-STORED_END = (1 << 16) - 1  # SEPARATOR in the file, whose ids are 16-bit
+# In the file, ids are 16-bit where the vocabulary allows (else 32-bit), SEPARATOR the largest value
 # How an n-gram's continuations in the corpus agreed (a proposal's agreement class)
 AGREEMENT = (ONCE, UNANIMOUS, MAJORITY, MINORITY) = range(4)
+
+
+CORPUS_PRIOR = 0.3  # acceptance a kind of corpus proposal starts from: about its first-token rate
 
 
 def proposal_kind(match: int, agreement: int) -> int:
     """The key a draft policy learns a corpus proposal's acceptance under (0: no proposal)."""
     return match * len(AGREEMENT) + agreement if match else 0
+
+
+def draft_policy(max_draft: int) -> PooledDraftLengthPolicy:
+    """The draft-length policy corpus proposals are priced with: rates per kind (match length x
+    agreement class) over all requests, scaled per request."""
+    return PooledDraftLengthPolicy(max_draft, prior_acceptance=CORPUS_PRIOR)
 
 
 class DraftCorpusError(ValueError):
@@ -138,13 +149,17 @@ class DraftCorpus:
             out = out[:out.index(SEPARATOR)]
         return out, lo, int(self.agreement[lo - 1][at])
 
+    def proposal(self, context: list[int], k: int) -> tuple[int, list[int]]:
+        """`propose`'s tokens with the kind its draft policy prices them by (`proposal_kind`)."""
+        tokens, match, agreement = self.propose(context, k)
+        return proposal_kind(match, agreement), tokens
+
     # ---- its file --------------------------------------------------------------------------
     def save(self, path: Path, vocab_size: int, meta: dict[str, str] | None = None) -> None:
-        if vocab_size > STORED_END:
-            raise DraftCorpusError(f"a vocabulary of {vocab_size} tokens does not fit the file's 16-bit ids")
         if (self.tokens >= vocab_size).any():
             raise DraftCorpusError(f"the corpus holds token ids outside a vocabulary of {vocab_size}")
-        stored = np.where(self.tokens < 0, STORED_END, self.tokens).astype(np.uint16)
+        dtype = np.uint16 if vocab_size < np.iinfo(np.uint16).max else np.uint32
+        stored = np.where(self.tokens < 0, np.iinfo(dtype).max, self.tokens).astype(dtype)
         save_file({"tokens": stored}, str(path),
                   metadata={"format": "fastmode-draft-corpus", "vocab_size": str(vocab_size),
                             "max_ngram": str(self.max_ngram), **(meta or {})})
@@ -160,8 +175,10 @@ class DraftCorpus:
         if int(meta.get("vocab_size", -1)) != vocab_size:
             raise DraftCorpusError(f"{path} was made for a vocabulary of {meta.get('vocab_size')} tokens, "
                                    f"this model has {vocab_size}")
-        flat = load_file(str(path))["tokens"].astype(np.int64)
-        flat = np.where(flat == STORED_END, SEPARATOR, flat)
+        stored = load_file(str(path))["tokens"]
+        if stored.dtype not in (np.uint16, np.uint32):
+            raise DraftCorpusError(f"{path}: token ids stored as {stored.dtype}, not 16- or 32-bit")
+        flat = np.where(stored == np.iinfo(stored.dtype).max, SEPARATOR, stored.astype(np.int64))
         if len(flat) and flat[-1] != SEPARATOR:
             raise DraftCorpusError(f"{path}: its tokens do not end with an answer's end")
         if (flat >= vocab_size).any():

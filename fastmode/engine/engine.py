@@ -12,14 +12,15 @@ import torch
 
 from fastmode.config import EngineConfig
 from fastmode.engine.block_manager import BlockManager
-from fastmode.engine.corpus import DraftCorpus, proposal_kind
+from fastmode.engine.corpus import DraftCorpus
+from fastmode.engine.corpus import draft_policy as corpus_draft_policy
 from fastmode.engine.head_drafter import HeadDrafter
 from fastmode.engine.prefix_cache import CacheSpec, PrefixCache
 from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
 from fastmode.engine.runner import Runner, ThreadChooser, max_threads
 from fastmode.engine.sampler import probabilities, verify
 from fastmode.engine.scheduler import Scheduled, Scheduler
-from fastmode.engine.speculation import DraftLengthPolicy, PooledDraftLengthPolicy, PromptLookup, best_proposal
+from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup, best_proposal
 from fastmode.model.draft_head import DraftHead
 from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
@@ -68,8 +69,7 @@ class Engine:
         self.policy = DraftLengthPolicy(config.max_draft)  # prompt lookup's
         self._corpus = draft_corpus
         self.corpus = draft_corpus if config.draft_corpus else None  # see use_draft_corpus
-        # the corpus's: rates of its own, per kind of proposal, starting near its usual first-token rate
-        self.corpus_policy = PooledDraftLengthPolicy(config.max_draft, prior_acceptance=0.3)
+        self.corpus_policy = corpus_draft_policy(config.max_draft)  # the corpus's: rates of its own
         self.lookups: dict[str, PromptLookup] = {}
         # request -> this step's proposals: (its policy and match length, or None for the head's; tokens)
         self.proposals: dict[str, list[tuple[tuple[DraftLengthPolicy, int] | None, list[int]]]] = {}
@@ -258,10 +258,10 @@ class Engine:
             lookup = self.lookups[rid]
             tokens = lookup.propose(self.config.max_draft)
             sources, proposals = ["lookup"], [(self.policy, lookup.last_match, tokens)]
-            if self.corpus is not None:  # its policy learns per match length and agreement class
-                tokens, match, agreement = self.corpus.propose(lookup.ids, self.config.max_draft)
+            if self.corpus is not None:
+                kind, tokens = self.corpus.proposal(lookup.ids, self.config.max_draft)
                 sources.append("corpus")
-                proposals.append((self.corpus_policy, proposal_kind(match, agreement), tokens))
+                proposals.append((self.corpus_policy, kind, tokens))
             best, best_k, expected = best_proposal(proposals, rid, rows, self.runner.step_time, room)
             item.drafts, item.draft_source = (proposals[best][2][:best_k], sources[best]) if best >= 0 else ([], "")
             self.proposals[rid] = [((policy, match), tokens) for policy, match, tokens in proposals if match]

@@ -9,8 +9,9 @@ import torch
 from fastmode.engine.scheduler import Scheduled
 from fastmode.model.draft_head import DraftHead
 
-# A request whose prompt-lookup proposal already expects this many accepted tokens does not run
-# the draft head (its steps cost time in every pass; lookup wins there: copied text).
+# A request whose other drafts (prompt lookup's or the draft corpus's) already expect this many
+# accepted tokens does not run the draft head (its steps cost time in every pass; copied text
+# wins there).
 HEAD_SKIP = 1.0
 # A request whose head drafts have stopped paying runs the head only every this many passes,
 # to notice when they would pay again.
@@ -46,12 +47,13 @@ class HeadDrafter:
         """The tapped states [taps, hidden] at the request's last kept position, and its token."""
         self.features[request_id] = (features, token)
 
-    def wants(self, request_id: str, lookup_expected: float, rows: int, step: StepTime) -> bool:
-        """Whether to run the head for this request this pass: it has a start, lookup does not
-        already expect HEAD_SKIP accepted tokens, and its first draft is expected to pay for its
-        row and head step (from how often its first drafts were accepted); if not, the head
-        still runs every HEAD_EXPLORE-th pass."""
-        if request_id not in self.features or lookup_expected >= HEAD_SKIP:
+    def wants(self, request_id: str, others_expected: float, rows: int, step: StepTime) -> bool:
+        """Whether to run the head for this request this pass: it has a start, its other drafts
+        (prompt lookup's or the corpus's, expected to yield `others_expected` accepted tokens)
+        do not already expect HEAD_SKIP, and its first draft is expected to pay for its row and
+        head step (from how often its first drafts were accepted); if not, the head still runs
+        every HEAD_EXPLORE-th pass."""
+        if request_id not in self.features or others_expected >= HEAD_SKIP:
             return False
         rate = self.first.get(request_id, self.first_all)
         cost = step(rows + 1) - step(rows) + self.step_seconds
@@ -64,8 +66,8 @@ class HeadDrafter:
 
     @torch.inference_mode()
     def draft(self, items: list[tuple[Scheduled, float]], rows: int, step: StepTime) -> list[list[int]]:
-        """Run the head for these (item, tokens lookup's drafts are expected to yield), a step
-        for all of them at a time; return each item's head drafts, empty where lookup's promise
+        """Run the head for these (item, tokens its other drafts are expected to yield), a step
+        for all of them at a time; return each item's head drafts, empty where the others promise
         more. A row's next draft is kept while its probability of being accepted (the product
         of the head's calibrated confidences so far) pays for one more row and head step."""
         base = step(rows)
@@ -101,8 +103,8 @@ class HeadDrafter:
                     still.append(i)
             active = still
         chosen = []
-        for rid, (_, lookup_expected), d, e in zip(ids, items, drafts, expected):
-            use = bool(d) and e - 1.0 > lookup_expected
+        for rid, (_, others_expected), d, e in zip(ids, items, drafts, expected):
+            use = bool(d) and e - 1.0 > others_expected
             if use:
                 self.pending[rid] = e - 1.0
             chosen.append(d if use else [])

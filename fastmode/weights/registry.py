@@ -34,7 +34,7 @@ class PackagedModel:
     display_name: str
     defaults: DecodingDefaults
     draft_head: str | None = None  # a file in fastmode/weights/heads/: the fast lane's trained draft head
-    draft_corpus: str | None = None  # a file there too: the model's answers the fast lane drafts from
+    # (its draft corpus beside it: see corpus_path)
 
 
 PACKAGED = {
@@ -45,11 +45,28 @@ PACKAGED = {
         display_name="SmolLM2 135M Instruct (Q4_1)",
         # Greedy: deterministic answers, and the model's card finds small models do best near-greedy.
         defaults=DecodingDefaults(temperature=0.0, top_p=1.0, top_k=0),
-        draft_head="smollm2-135m-instruct.safetensors",
-        draft_corpus="smollm2-135m-instruct.corpus.safetensors",
+        draft_head="smollm2-135m-instruct.safetensors",  # its corpus: smollm2-135m-instruct.corpus.safetensors
     ),
 }
 HEADS = Path(__file__).with_name("heads")
+
+
+def corpus_path(head_path: Path) -> Path:
+    """Where a model's draft corpus goes next to its head file: NAME.corpus.safetensors."""
+    return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".corpus.safetensors")
+
+
+def draft_files(name: str) -> Path | None:
+    """Where the model's draft head file is (its corpus: `corpus_path` of it), used if there:
+    in the package for a packaged model, next to a local model (MODEL.gguf ->
+    MODEL.head.safetensors; a model directory -> DIR/draft-head.safetensors); None for
+    tiny-random."""
+    if name in PACKAGED:
+        return HEADS / PACKAGED[name].draft_head if PACKAGED[name].draft_head else None
+    if name == TINY_MODEL:
+        return None
+    path = Path(name).expanduser()
+    return path / "draft-head.safetensors" if path.is_dir() else path.with_name(path.stem + ".head.safetensors")
 
 
 class ModelNotFound(ValueError):
@@ -181,12 +198,12 @@ def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
         arch, sd = loader.load_hf_dir(path)
         tok = Tokenizer.from_hf_dir(path)
     model = _build(arch, sd)
-    head = None
-    if name in PACKAGED and PACKAGED[name].draft_head and (HEADS / PACKAGED[name].draft_head).exists():
-        head = DraftHead.load(HEADS / PACKAGED[name].draft_head, model.embed.weight)  # native copies: when used
-    corpus = None
-    if name in PACKAGED and PACKAGED[name].draft_corpus and (HEADS / PACKAGED[name].draft_corpus).exists():
-        corpus = DraftCorpus.load(HEADS / PACKAGED[name].draft_corpus, arch.vocab_size)
+    head = corpus = None
+    if (head_path := draft_files(name)) is not None:
+        if head_path.exists():
+            head = DraftHead.load(head_path, model.embed.weight)  # native copies: when used
+        if corpus_path(head_path).exists():
+            corpus = DraftCorpus.load(corpus_path(head_path), arch.vocab_size)
     return LoadedModel(name, display, arch, model, tok, defaults, head, corpus)
 
 
