@@ -119,7 +119,9 @@ def test_the_corpus_switches_off(tiny, answers):
     engine = Engine(tiny.model, small_engine_config(draft_corpus=False), tiny.tokenizer.eos_ids, draft_corpus=corpus)
     run(engine, prompts[:4], Lane.FAST)
     assert engine.corpus is None and engine.stats["corpus_drafted"] == 0
+    assert not corpus.indexed  # an engine that does not draft from it never builds its index
     engine.use_draft_corpus(True)
+    assert corpus.indexed  # built when switched on, before any request needs it
     run(engine, prompts[:4], Lane.FAST)
     assert engine.stats["corpus_drafted"] > 0
 

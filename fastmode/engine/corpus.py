@@ -14,9 +14,9 @@ match was right first 55% of the time where its continuations agreed and 8% wher
 proposed one was a minority, so the engine learns acceptance per (length, agreement).
 
 The index is, per n-gram length, a sorted array of 64-bit n-gram hashes with one corpus
-position each, built with numpy at load (0.3 s for 350k tokens); a lookup is a binary search
-over n-gram lengths (an n-gram that occurs has every suffix occurring too), each probe one
-`searchsorted`. A hash collision only costs a rejected draft: verification decides.
+position each, built with numpy when first needed (0.4-0.6 s for 350k tokens); a lookup is a
+binary search over n-gram lengths (an n-gram that occurs has every suffix occurring too), each
+probe one `searchsorted`. A hash collision only costs a rejected draft: verification decides.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class DraftCorpus:
         self.keys: list[np.ndarray] = []  # per n-gram length n (index n - 1): sorted hashes
         self.positions: list[np.ndarray] = []  # the corpus position just after an occurrence
         self.agreement: list[np.ndarray] = []  # its agreement class
-        self._build()
+        self.indexed = False  # see index()
 
     @classmethod
     def from_answers(cls, answers: list[list[int]], max_ngram: int = 8) -> "DraftCorpus":
@@ -81,6 +81,13 @@ class DraftCorpus:
     def __len__(self) -> int:
         """Tokens in the corpus (separators not counted)."""
         return len(self.tokens) - self.num_answers
+
+    def index(self) -> None:
+        """Build the index (once): an engine that drafts from the corpus does so when it
+        starts, so no request waits for it; one that does not never pays for it."""
+        if not self.indexed:
+            self._build()
+            self.indexed = True
 
     def _build(self) -> None:
         toks = self.tokens
@@ -129,6 +136,7 @@ class DraftCorpus:
         that suffix's length and its agreement class (no tokens and 0, 0: none found)."""
         if k <= 0 or not context:
             return [], 0, 0
+        self.index()
         hashes, h = [], 0
         for n in range(1, min(self.max_ngram, len(context)) + 1):
             h = (h + (context[-n] + 1) * self.powers[n - 1]) & MASK

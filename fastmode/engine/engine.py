@@ -68,7 +68,8 @@ class Engine:
         self.scheduler = Scheduler(config, self.blocks, self.prefix)
         self.policy = DraftLengthPolicy(config.max_draft)  # prompt lookup's
         self._corpus = draft_corpus
-        self.corpus = draft_corpus if config.draft_corpus else None  # see use_draft_corpus
+        self.corpus: DraftCorpus | None = None
+        self.use_draft_corpus(config.draft_corpus)
         self.corpus_policy = corpus_draft_policy(config.max_draft)  # the corpus's: rates of its own
         self.lookups: dict[str, PromptLookup] = {}
         # request -> this step's proposals: (its policy and match length, or None for the head's; tokens)
@@ -116,6 +117,8 @@ class Engine:
     def use_draft_corpus(self, on: bool) -> None:
         """From the next pass on, draft from the model's corpus (if it has one) or not."""
         self.corpus = self._corpus if on else None
+        if self.corpus is not None:
+            self.corpus.index()
 
     def use_draft_head(self, on: bool) -> None:
         """From the next pass on, draft with the model's head (if it has one) or not (no head,
