@@ -113,6 +113,23 @@ def test_fast_lane_drafts_from_the_corpus_and_keeps_outputs_identical(tiny, answ
         assert engine.stats["corpus_accepted"] <= engine.stats["accepted"]
 
 
+def test_sampled_requests_learn_corpus_rates_of_their_own(tiny, answers):
+    from fastmode.engine.corpus import SAMPLED
+    from fastmode.engine.request import SamplingParams
+    prompts, outs = answers
+    corpus = DraftCorpus.from_answers(outs)
+    engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus)
+    done = []
+    engine.add("s", prompts[0], SamplingParams(max_tokens=40, temperature=1.0, seed=1), Lane.FAST,
+               lambda d: d.status.finished and done.append(d))
+    while not done:
+        engine.step()
+    kinds = set(engine.corpus_policy.shared)
+    assert kinds and all(k > SAMPLED for k in kinds)  # the greedy requests' rates are untouched
+    run(engine, prompts[:2], Lane.FAST)
+    assert any(0 < k < SAMPLED for k in engine.corpus_policy.shared)
+
+
 def test_the_corpus_switches_off(tiny, answers):
     prompts, outs = answers
     corpus = DraftCorpus.from_answers(outs)

@@ -38,9 +38,15 @@ AGREEMENT = (ONCE, UNANIMOUS, MAJORITY, MINORITY) = range(4)
 CORPUS_PRIOR = 0.3  # acceptance a kind of corpus proposal starts from: about its first-token rate
 
 
-def proposal_kind(match: int, agreement: int) -> int:
+SAMPLED = 1 << 20  # added to the kind of a sampled request's proposals: the corpus holds greedy
+# answers, which sampling follows less often, so sampled requests learn rates of their own
+
+
+def proposal_kind(match: int, agreement: int, greedy: bool = True) -> int:
     """The key a draft policy learns a corpus proposal's acceptance under (0: no proposal)."""
-    return match * len(AGREEMENT) + agreement if match else 0
+    if not match:
+        return 0
+    return match * len(AGREEMENT) + agreement + (0 if greedy else SAMPLED)
 
 
 def draft_policy(max_draft: int) -> PooledDraftLengthPolicy:
@@ -157,10 +163,10 @@ class DraftCorpus:
             out = out[:out.index(SEPARATOR)]
         return out, lo, int(self.agreement[lo - 1][at])
 
-    def proposal(self, context: list[int], k: int) -> tuple[int, list[int]]:
+    def proposal(self, context: list[int], k: int, greedy: bool = True) -> tuple[int, list[int]]:
         """`propose`'s tokens with the kind its draft policy prices them by (`proposal_kind`)."""
         tokens, match, agreement = self.propose(context, k)
-        return proposal_kind(match, agreement), tokens
+        return proposal_kind(match, agreement, greedy), tokens
 
     # ---- its file --------------------------------------------------------------------------
     def save(self, path: Path, vocab_size: int, meta: dict[str, str] | None = None) -> None:

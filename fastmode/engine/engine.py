@@ -251,7 +251,8 @@ class Engine:
         that, at the length its policy prices best, promises the most tokens per second of pass,
         or the draft head's tokens where those promise more (HeadDrafter)."""
         rows = sum(item.num_tokens for item in plan)
-        for_head: list[tuple[Scheduled, float]] = []  # items the head drafts for, with the expected tokens of their drafts
+        # items the head drafts for, with the accepted tokens their other drafts are expected to yield
+        for_head: list[tuple[Scheduled, float]] = []
         for item in plan:
             r = item.request
             if r.in_prefill:
@@ -262,7 +263,7 @@ class Engine:
             tokens = lookup.propose(self.config.max_draft)
             sources, proposals = ["lookup"], [(self.policy, lookup.last_match, tokens)]
             if self.corpus is not None:
-                kind, tokens = self.corpus.proposal(lookup.ids, self.config.max_draft)
+                kind, tokens = self.corpus.proposal(lookup.ids, self.config.max_draft, r.params.greedy)
                 sources.append("corpus")
                 proposals.append((self.corpus_policy, kind, tokens))
             best, best_k, expected = best_proposal(proposals, rid, rows, self.runner.step_time, room)
