@@ -33,7 +33,7 @@ from fastmode.engine.engine import Engine
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.engine.runner import max_threads
 from fastmode.model.draft_head import DraftHead
-from fastmode.weights.registry import DEFAULT_MODEL, LoadedModel, corpus_path, draft_files, load_model
+from fastmode.weights.registry import DEFAULT_MODEL, LoadedModel, corpus_path, draft_head_path, load_model
 
 TOPICS = (
     "photosynthesis|black holes|the water cycle|volcanoes|earthquakes|the immune system|DNA|electricity|magnets|"
@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastmode train-head: {msg}", file=sys.stderr, flush=True)
 
     evals_path = Path(args.eval) if args.eval else Path(__file__).parent / "bench" / "workloads" / "dev.jsonl"
-    out = Path(args.out) if args.out else draft_files(args.model)
+    out = Path(args.out) if args.out else draft_head_path(args.model)
     if out is None:
         raise ValueError(f"{args.model} has no place for a head file: pass --out")
     loaded = load_model(args.model)

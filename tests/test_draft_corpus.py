@@ -10,7 +10,7 @@ from fastmode import headtrain
 from fastmode.engine.corpus import MAJORITY, MINORITY, ONCE, UNANIMOUS, DraftCorpus, DraftCorpusError
 from fastmode.engine.engine import Engine
 from fastmode.engine.request import Lane
-from fastmode.weights.registry import DEFAULT_MODEL, corpus_path, draft_files
+from fastmode.weights.registry import DEFAULT_MODEL, corpus_path, draft_head_path
 
 from conftest import small_engine_config
 from test_draft_head import random_prompts, run
@@ -159,16 +159,16 @@ def test_a_local_model_uses_the_corpus_beside_it(tmp_path, tiny_q4):
     from fastmode.weights.registry import load_model
     gguf = tmp_path / "m.gguf"
     shutil.copy(tiny_q4.name, gguf)  # a copy: the session's model file stays without a corpus
-    assert draft_files(str(gguf)) == tmp_path / "m.head.safetensors"
+    assert draft_head_path(str(gguf)) == tmp_path / "m.head.safetensors"
     assert load_model(str(gguf)).draft_corpus is None
-    DraftCorpus.from_answers([[5, 6, 7]]).save(corpus_path(draft_files(str(gguf))), tiny_q4.arch.vocab_size)
+    DraftCorpus.from_answers([[5, 6, 7]]).save(tmp_path / "m.head.corpus.safetensors", tiny_q4.arch.vocab_size)
     corpus = load_model(str(gguf)).draft_corpus
     assert corpus is not None and corpus.propose([5], 2) == ([6, 7], 1, ONCE)
 
 
 def test_default_model_ships_a_corpus_of_its_answers():
     from fastmode.weights.registry import load_model
-    assert corpus_path(draft_files(DEFAULT_MODEL)).exists()
+    assert corpus_path(draft_head_path(DEFAULT_MODEL)).exists()
     loaded = load_model(DEFAULT_MODEL)
     corpus = loaded.draft_corpus
     assert corpus is not None and len(corpus) > 100_000 and corpus.num_answers > 1000

@@ -484,7 +484,8 @@ PAGE_HEAD = """# Benchmarks
 Regenerate with `.venv/bin/fastmode bench --compare --native-kernels on --repeats 2 --page
 docs/benchmarks.md`: fastmode on its native kernels (the server's default) in both lanes, and
 its fast lane with the model's draft corpus and, separately, its trained draft head switched
-the other way (the corpus off: it is on by default; the head on: it is off by default); `--native-kernels both` adds float32 weights in torch, each in both lanes;
+the other way (the corpus off: it is on by default; the head on: it is off by default);
+`--native-kernels both` adds float32 weights in torch, each in both lanes;
 llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in the same
 environment, and Hugging Face transformers (greedy and prompt lookup) when `transformers`,
 `gguf` and `accelerate` are. Every contender runs in one process on the same prompt ids (the

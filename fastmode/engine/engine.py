@@ -260,14 +260,16 @@ class Engine:
             rid = r.request_id
             room = r.token_budget - r.num_tokens - 1  # drafts + the verifier's token fit the budget
             lookup = self.lookups[rid]
-            tokens = lookup.propose(self.config.max_draft)
-            sources, proposals = ["lookup"], [(self.policy, lookup.last_match, tokens)]
+            looked = lookup.propose(self.config.max_draft)
+            sources, proposals = ["lookup"], [(self.policy, lookup.last_match, looked)]
             if self.corpus is not None:
-                kind, tokens = self.corpus.proposal(lookup.ids, self.config.max_draft, r.params.greedy)
+                kind, found = self.corpus.proposal(lookup.ids, self.config.max_draft, r.params.greedy)
                 sources.append("corpus")
-                proposals.append((self.corpus_policy, kind, tokens))
+                proposals.append((self.corpus_policy, kind, found))
             best, best_k, expected = best_proposal(proposals, rid, rows, self.runner.step_time, room)
-            item.drafts, item.draft_source = (proposals[best][2][:best_k], sources[best]) if best >= 0 else ([], "")
+            item.drafts, item.draft_source = [], ""
+            if best >= 0:
+                item.drafts, item.draft_source = proposals[best][2][:best_k], sources[best]
             self.proposals[rid] = [((policy, match), tokens) for policy, match, tokens in proposals if match]
             rows += best_k
             if self.drafter is not None and self.drafter.wants(rid, expected, rows, self.runner.step_time):

@@ -56,7 +56,7 @@ def corpus_path(head_path: Path) -> Path:
     return head_path.with_name(head_path.name.removesuffix(".safetensors") + ".corpus.safetensors")
 
 
-def draft_files(name: str) -> Path | None:
+def draft_head_path(name: str) -> Path | None:
     """Where the model's draft head file is (its corpus: `corpus_path` of it), used if there:
     in the package for a packaged model, next to a local model (MODEL.gguf ->
     MODEL.head.safetensors; a model directory -> DIR/draft-head.safetensors); None for
@@ -199,7 +199,7 @@ def load_model(name: str, native_kernels: bool = True) -> LoadedModel:
         tok = Tokenizer.from_hf_dir(path)
     model = _build(arch, sd)
     head = corpus = None
-    if (head_path := draft_files(name)) is not None:
+    if (head_path := draft_head_path(name)) is not None:
         if head_path.exists():
             head = DraftHead.load(head_path, model.embed.weight)  # native copies: when used
         if corpus_path(head_path).exists():
