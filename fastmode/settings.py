@@ -36,7 +36,15 @@ def _lane(raw: Any, where: str, default: LaneConfig) -> LaneConfig:
     unknown = set(raw) - _fields(LaneConfig)
     if unknown:
         raise SettingsError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    _check_types(raw, default, where)
     return dataclasses.replace(default, **raw)
+
+
+def _check_types(raw: dict[str, Any], defaults: Any, where: str) -> None:
+    """Each setting of the kind its default is (a quoted "false" is not false)."""
+    for key, value in raw.items():
+        if (want := _kind(getattr(defaults, key))) and not _is(value, want):
+            raise SettingsError(f"{where}: {key} must be {want}, not {value!r}")
 
 
 def _limits(raw: Any, path: str | Path) -> dict[str, dict[str, int]]:
@@ -45,6 +53,24 @@ def _limits(raw: Any, path: str | Path) -> dict[str, dict[str, int]]:
     except AccountError as e:
         raise SettingsError(str(e)) from e
     return raw
+
+
+def _kind(default: Any) -> str:
+    """What a setting with this default must be ("" for no check)."""
+    for kind, types in (("true or false", bool), ("a whole number", int), ("a number", float), ("a string", str)):
+        if isinstance(default, types):
+            return kind
+    return ""
+
+
+def _is(value: Any, kind: str) -> bool:
+    if kind == "true or false":
+        return isinstance(value, bool)
+    if kind == "a whole number":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "a number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def load_settings(path: str | Path) -> Settings:
@@ -69,6 +95,7 @@ def load_settings(path: str | Path) -> Settings:
     unknown = set(engine) - _fields(EngineConfig)
     if unknown:
         raise SettingsError(f"{path}: [engine] has unknown setting(s) {', '.join(sorted(unknown))}")
+    _check_types(engine, base, f"{path}: [engine]")
     try:
         cfg = EngineConfig(**engine, **lanes)
     except (TypeError, ValueError) as e:

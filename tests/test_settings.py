@@ -46,3 +46,23 @@ def test_open_mode_must_be_a_boolean(tmp_path):
     bad.write_text('[server]\nopen_mode = "false"\n')
     with pytest.raises(SettingsError, match="open_mode"):
         load_settings(bad)
+
+
+def test_engine_settings_must_be_of_their_kind(tmp_path):
+    """A quoted "false" must not silently read as true, nor "8" as a number."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[engine]\ndraft_corpus = false\nfast_share_target = 3\n[engine.fast]\nspeculate = true\n")
+    engine = load_settings(cfg).engine
+    assert engine.draft_corpus is False and engine.fast_share_target == 3 and engine.fast.speculate
+    for bad, name in (('draft_corpus = "no"', "draft_corpus must be true or false"),
+                      ('max_draft = "8"', "max_draft must be a whole number"),
+                      ("max_draft = 7.5", "max_draft must be a whole number"),
+                      ("kv_cache_tokens = true", "kv_cache_tokens must be a whole number"),
+                      ('fast_share_target = "2.5"', "fast_share_target must be a number"),
+                      ("device = 0", "device must be a string")):
+        cfg.write_text(f"[engine]\n{bad}\n")
+        with pytest.raises(SettingsError, match=name):
+            load_settings(cfg)
+    cfg.write_text('[engine.fast]\nspeculate = "yes"\n')
+    with pytest.raises(SettingsError, match=r"\[engine.fast\]: speculate must be true or false"):
+        load_settings(cfg)
