@@ -43,7 +43,7 @@ def _lane(raw: Any, where: str, default: LaneConfig) -> LaneConfig:
 def _check_types(raw: dict[str, Any], defaults: Any, where: str) -> None:
     """Each setting of the kind its default is (a quoted "false" is not false)."""
     for key, value in raw.items():
-        if (want := _kind(getattr(defaults, key))) and not _is(value, want):
+        if want := _mismatch(value, getattr(defaults, key)):
             raise SettingsError(f"{where}: {key} must be {want}, not {value!r}")
 
 
@@ -55,22 +55,18 @@ def _limits(raw: Any, path: str | Path) -> dict[str, dict[str, int]]:
     return raw
 
 
-def _kind(default: Any) -> str:
-    """What a setting with this default must be ("" for no check)."""
-    for kind, types in (("true or false", bool), ("a whole number", int), ("a number", float), ("a string", str)):
-        if isinstance(default, types):
-            return kind
+def _mismatch(value: Any, default: Any) -> str:
+    """What a setting whose default is `default` must be, if `value` is not that; else ""."""
+    if isinstance(default, bool):
+        return "" if isinstance(value, bool) else "true or false"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return "" if number and isinstance(value, int) else "a whole number"
+    if isinstance(default, float):
+        return "" if number else "a number"
+    if isinstance(default, str):
+        return "" if isinstance(value, str) else "a string"
     return ""
-
-
-def _is(value: Any, kind: str) -> bool:
-    if kind == "true or false":
-        return isinstance(value, bool)
-    if kind == "a whole number":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "a number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, str)
 
 
 def load_settings(path: str | Path) -> Settings:

@@ -70,15 +70,23 @@ class DraftLengthPolicy:
         if match <= 0 or not proposal:
             return
         a = self.rate(request_id, match)
+        for hit, _ in self._learn_shared(match, proposal, produced):
+            a = self.decay * a + (1 - self.decay) * hit
+        self.acceptance[(request_id, match)] = a
+
+    def _learn_shared(self, match: int, proposal: list[int], produced: list[int]) -> list[tuple[float, float]]:
+        """Update the lane-wide rate of this match length from each compared position, up to
+        the first mismatch; return each position's (hit, the lane-wide rate before it)."""
         shared = self.shared.get(match, self.prior)
+        steps = []
         for want, got in zip(proposal, produced):
             hit = 1.0 if want == got else 0.0
-            a = self.decay * a + (1 - self.decay) * hit
+            steps.append((hit, shared))
             shared = self.shared_decay * shared + (1 - self.shared_decay) * hit
             if not hit:
                 break
-        self.acceptance[(request_id, match)] = a
         self.shared[match] = shared
+        return steps
 
     def forget(self, request_id: str) -> None:
         for key in [k for k in self.acceptance if k[0] == request_id]:
@@ -130,16 +138,8 @@ class PooledDraftLengthPolicy(DraftLengthPolicy):
     def observe(self, request_id: str, match: int, proposal: list[int], produced: list[int]) -> None:
         if match <= 0 or not proposal:
             return
-        shared = self.shared.get(match, self.prior)
-        hits = promised = 0.0
-        for want, got in zip(proposal, produced):
-            hit = 1.0 if want == got else 0.0
-            promised += shared
-            hits += hit
-            shared = self.shared_decay * shared + (1 - self.shared_decay) * hit
-            if not hit:
-                break
-        self.shared[match] = shared
+        steps = self._learn_shared(match, proposal, produced)
+        hits, promised = sum(hit for hit, _ in steps), sum(rate for _, rate in steps)
         accepted, before = self.fit.get(request_id, (0.0, 0.0))
         self.fit[request_id] = (self.decay * accepted + hits, self.decay * before + promised)
 
