@@ -39,14 +39,16 @@ def test_quantized_matmul_matches_the_dequantized_weights(lib, kind):
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-@pytest.mark.parametrize("n", [200, 100])  # 200: rows 8 at a time (not a multiple of the tiles); 100: per row
+# 64: weight rows 16 at a time on AVX-512 VNNI (x rows in tiles of 1 to 8), else 8; 200: 8 at a time
+# (not a multiple of the tiles); 100: per row
+@pytest.mark.parametrize("n", [64, 200, 100])
 def test_every_row_is_bit_identical_in_any_batch_and_with_any_thread_count(lib, kind, n):
     wtype, raw, exact = blocks(kind, n, 576, seed=1)
     x = torch.randn(13, 576)
     full = kernels.matmul(lib, wtype, raw, n, 576, x)
     ref = F.linear(x, exact)
     assert ((full - ref).norm() / ref.norm()).item() < 0.02
-    for m in range(1, 13):  # rows in fours and one at a time
+    for m in range(1, 13):  # every tile size, a tile and its remainder, and one row at a time
         assert torch.equal(kernels.matmul(lib, wtype, raw, n, 576, x[:m]), full[:m]), m
         assert torch.equal(kernels.matmul(lib, wtype, raw, n, 576, x[m:m + 1]), full[m:m + 1]), m
     threads = torch.get_num_threads()
@@ -357,7 +359,7 @@ def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, kind, tmp_path)
         w = np.random.default_rng(n).standard_normal((n, 1536)).astype(np.float32)
         raw = torch.from_numpy(np.frombuffer(quantize(w, kind), dtype=np.uint8).reshape(n, -1).copy())
         ours, theirs = kernels.pack(TYPE_IDS[kind], raw, lib), kernels.pack(TYPE_IDS[kind], raw, avx2)
-        for m in (1, 4, 9):
+        for m in (1, 4, 6, 9):
             assert torch.equal(kernels.matmul(lib, TYPE_IDS[kind], ours, n, 1536, x[:m]),
                                kernels.matmul(avx2, TYPE_IDS[kind], theirs, n, 1536, x[:m])), (n, m)
 

@@ -489,9 +489,12 @@ static void r16_group(int type, const uint8_t *w, int64_t nb, int64_t M, const i
 #define TILES16(T)                                                                         \
     for (int64_t m0 = 0; m0 < M;) {                                                        \
         const int64_t left = M - m0;                                                       \
-        const int nx = left >= 8 ? 8 : (left >= 4 ? 4 : (int)left);                        \
+        const int nx = left >= R16_ROWS ? R16_ROWS : (int)left;                            \
         switch (nx) {                                                                      \
         case 8: r16_tile(T, w, nb, m0, 8, xq, xd, xs, xi, dst, N, n0); break;              \
+        case 7: r16_tile(T, w, nb, m0, 7, xq, xd, xs, xi, dst, N, n0); break;              \
+        case 6: r16_tile(T, w, nb, m0, 6, xq, xd, xs, xi, dst, N, n0); break;              \
+        case 5: r16_tile(T, w, nb, m0, 5, xq, xd, xs, xi, dst, N, n0); break;              \
         case 4: r16_tile(T, w, nb, m0, 4, xq, xd, xs, xi, dst, N, n0); break;              \
         case 3: r16_tile(T, w, nb, m0, 3, xq, xd, xs, xi, dst, N, n0); break;              \
         case 2: r16_tile(T, w, nb, m0, 2, xq, xd, xs, xi, dst, N, n0); break;              \
