@@ -383,3 +383,93 @@ def test_portable_build_rounds_the_kv_cache_to_f16_like_torch(lib, tmp_path):
     kernels.rope_store(plain, qkv, heads, kv_heads, dim, rope.cos, rope.signed_sin, torch.zeros(t, dtype=torch.long),
                        torch.arange(t), t, kc, vc)
     assert torch.equal(vc.view(t, dim).view(torch.int16), v_rows.half().view(torch.int16))
+
+
+def test_kernels_give_the_same_rows_from_any_thread_and_from_two_threads_at_once(lib):
+    """The kernels run on their own thread pool, whoever calls them: from the main thread, from
+    another thread (as the engine's), and from two threads at once (two engines: one gets the
+    pool, the other runs alone), the products are bit-identical and nothing waits forever."""
+    import threading
+    wtype, raw, _ = blocks("Q4_1", 64, 576, seed=3)
+    x = torch.randn(7, 576)
+    kernels.set_threads(2)
+    try:
+        ref = kernels.matmul(lib, wtype, raw, 64, 576, x)
+    finally:
+        kernels.set_threads(0)
+    got, errors = {}, []
+
+    def work(name, rounds):
+        try:
+            kernels.set_threads(2)
+            for _ in range(rounds):
+                got.setdefault(name, []).append(kernels.matmul(lib, wtype, raw, 64, 576, x))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    workers = [threading.Thread(target=work, args=(name, 200)) for name in ("a", "b")]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in workers)
+    assert all(torch.equal(y, ref) for ys in got.values() for y in ys) and len(got["a"]) == len(got["b"]) == 200
+
+
+def test_a_forked_child_starts_its_own_pool(lib):
+    """After fork the child has none of the parent's pool threads: its first team starts new ones
+    instead of waiting for threads that do not exist."""
+    import multiprocessing
+    wtype, raw, _ = blocks("Q8_0", 64, 576, seed=4)
+    x = torch.randn(5, 576)
+    kernels.set_threads(2)
+    try:
+        ref = kernels.matmul(lib, wtype, raw, 64, 576, x)  # the parent's pool is running
+    finally:
+        kernels.set_threads(0)
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def child():
+        kernels.set_threads(2)
+        queue.put(kernels.matmul(lib, wtype, raw, 64, 576, x).numpy())
+
+    p = ctx.Process(target=child)
+    p.start()
+    p.join(timeout=60)
+    assert p.exitcode == 0, "the child's product did not finish"
+    assert np.array_equal(queue.get(timeout=10), ref.numpy())
+
+
+def test_argmax_rows_is_torch_argmax(lib):
+    """The greedy verifier's scan: the first largest value, the first NaN before anything,
+    infinities, ties and rows `stride` apart, as torch.argmax gives them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 1003, generator=g)
+    x[1, 5] = x[1, 900] = float("nan")
+    x[2] = 0.0
+    x[2, 7] = -0.0
+    x[3, 990:] = 1e9  # a tie at the end: the first of them
+    x[4] = float("-inf")
+    x[5, 3] = float("inf")
+    x[6, 1002] = 50.0  # in the tail after the vector steps
+    x[7] = torch.randint(0, 3, (1003,), generator=g).float()  # many ties
+    for rows in (x, x[:, :1001], x[:, :5], x[:, :1]):
+        assert kernels.argmax_rows(lib, rows) == rows.argmax(-1).tolist()
+    from fastmode.engine.sampler import greedy_tokens
+    assert greedy_tokens(x) == x.argmax(-1).tolist()
+    assert greedy_tokens(x.double()) == x.argmax(-1).tolist()  # not float32: torch's own
+
+
+def test_a_decode_pass_leaves_torch_and_kernel_thread_counts_as_they_were(make_q4_engine, monkeypatch):
+    """During a native decode pass torch runs on one thread and the kernels on the pass's chosen
+    count (their own pool does the work); afterwards the calling thread has its counts back."""
+    engine = make_q4_engine(num_threads=2)
+    seen = []
+    blocks_call = kernels.blocks
+    monkeypatch.setattr(kernels, "blocks", lambda *a: (seen.append((torch.get_num_threads(), kernels.threads())),
+                                                      blocks_call(*a))[1])
+    before = torch.get_num_threads()
+    test_engine.run(engine, test_engine.prompts(1, seed=5), test_engine.Lane.FAST)
+    assert torch.get_num_threads() == before and kernels.threads() == before
+    assert seen and all(t == 1 and k == 2 for t, k in seen)

@@ -18,7 +18,7 @@ from fastmode.engine.head_drafter import HeadDrafter
 from fastmode.engine.prefix_cache import CacheSpec, PrefixCache
 from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
 from fastmode.engine.runner import Runner, ThreadChooser, max_threads
-from fastmode.engine.sampler import probabilities, verify
+from fastmode.engine.sampler import greedy_tokens, probabilities, verify
 from fastmode.engine.scheduler import Scheduled, Scheduler
 from fastmode.engine.speculation import DraftLengthPolicy, PromptLookup, best_proposal
 from fastmode.model.draft_head import DraftHead
@@ -302,7 +302,7 @@ class Engine:
             self.stats["accepted"] += accepted
             r.num_computed_tokens += accepted
         elif r.params.greedy:
-            new = [int(logits[-1].argmax())]
+            new = greedy_tokens(logits[-1:])
         else:
             new = [int(torch.multinomial(probabilities(logits[-1:], r.params)[0], 1, generator=gen))]
         if features is not None and self.drafter is not None:  # the head starts at the last token kept

@@ -6,6 +6,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fastmode import kernels
 from fastmode.engine.block_manager import BlockManager
 from fastmode.engine.scheduler import Scheduled
 from fastmode.model.batch import DecodeRows, ForwardBatch, Segment
@@ -192,14 +193,29 @@ class Runner:
         rows = len(batch.input_ids)
         decode = all(not s.is_prefill for s in batch.segments)
         threads = self.threads.pick(rows) if self.threads is not None and decode else self.fixed_threads
-        if threads != torch.get_num_threads():
+        torch_threads = torch.get_num_threads()
+        # On the native kernels a decode pass is all the kernels' own thread pool: torch runs on
+        # one thread meanwhile, so that none of its idle OpenMP threads spins for a core the
+        # kernels' threads need (prefill passes use torch's attention, on torch's threads).
+        quiet = self.model.native and decode and torch_threads != 1
+        if self.model.native:
+            kernels.set_threads(threads)
+        elif threads != torch_threads:
             torch.set_num_threads(threads)
+        if quiet:
+            torch.set_num_threads(1)
         t0 = time.perf_counter()
-        out = self.model(batch, self.cache, taps)
-        logits, features = out if taps else (out, None)
-        # float32 on the CPU for sampling: on a GPU this copy is the pass's one host sync
-        logits = logits.float().cpu()
-        features = None if features is None else features.float().cpu()
+        try:
+            out = self.model(batch, self.cache, taps)
+            logits, features = out if taps else (out, None)
+            # float32 on the CPU for sampling: on a GPU this copy is the pass's one host sync
+            logits = logits.float().cpu()
+            features = None if features is None else features.float().cpu()
+        finally:
+            if quiet:
+                torch.set_num_threads(torch_threads)
+            if self.model.native:
+                kernels.set_threads(0)
         dt = time.perf_counter() - t0
         if decode:  # the draft policy prices decode passes, at the thread count in use
             if self.threads is not None:

@@ -3,7 +3,17 @@ from __future__ import annotations
 
 import torch
 
+from fastmode import kernels
 from fastmode.engine.request import SamplingParams
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax, as torch.argmax gives it; for float32 CPU logits on the native
+    kernels' serial scan (several times faster, and it starts no thread team)."""
+    lib = kernels.load() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if lib is not None and logits.dim() == 2 and logits.shape[-1] > 0 and logits.stride(-1) == 1:
+        return kernels.argmax_rows(lib, logits)
+    return logits.argmax(-1).tolist()
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -34,7 +44,7 @@ def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
     Either way the output has exactly the target's distribution (Leviathan et al. 2023).
     """
     if params.greedy:
-        targets = logits.argmax(-1).tolist()
+        targets = greedy_tokens(logits)
         out = []
         for i, d in enumerate(drafts):
             if d != targets[i]:

@@ -29,11 +29,25 @@ BLOCK_BYTES = {Q4_1: 20, Q8_0: 34}
 # -ffp-contract=off: the compiler must not fuse a*b+c on its own, differently in each code
 # path; the fused multiply-adds the kernels want are written as intrinsics. Tried in order.
 _COMMON = ["-O3", "-ffp-contract=off", "-Werror=implicit-function-declaration"]
-_FLAG_SETS = ([*_COMMON, "-march=native", "-fopenmp"], [*_COMMON, "-march=native"], [*_COMMON, "-fopenmp"], _COMMON)
+_FLAG_SETS = ([*_COMMON, "-march=native", "-pthread"], [*_COMMON, "-march=native"], [*_COMMON, "-pthread"], _COMMON)
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_local = threading.local()  # per calling thread: the kernels' thread count (see set_threads)
+
+
+def threads() -> int:
+    """Threads the kernels run on when called from this thread: `set_threads`'s count, else
+    torch's."""
+    return getattr(_local, "threads", 0) or torch.get_num_threads()
+
+
+def set_threads(n: int) -> None:
+    """From now on, calls from this thread run the kernels on n threads of the library's own
+    pool (0: torch's thread count again). The pool is not torch's: a pass can run with torch
+    on one thread, so that no idle OpenMP thread of torch's spins while the kernels work."""
+    _local.threads = n
 
 
 class KernelError(RuntimeError):
@@ -145,6 +159,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fm_blocks.restype = ctypes.c_int
     lib.fm_blocks.argtypes = [ptr, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64, ptr, ptr, ptr, ptr, i64,
                               ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.fm_argmax_rows.restype = None
+    lib.fm_argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
     lib.fm_has_avx2.restype = lib.fm_has_vnni512.restype = lib.fm_row_interleaved.restype = ctypes.c_int
     lib.fm_row_interleaved.argtypes = [i64]
     return lib
@@ -210,11 +226,22 @@ def matmul(lib: ctypes.CDLL, wtype: int, weight: torch.Tensor, n: int, k: int, x
     if out is not None and (out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous()):
         raise KernelError(f"matmul: out must be contiguous float32 [{m}, {n}]")
     y = torch.empty(m, n, dtype=torch.float32) if out is None else out
-    rc = lib.fm_linear(wtype, weight.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), torch.get_num_threads(),
+    rc = lib.fm_linear(wtype, weight.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), threads(),
                        prologue, None if norm_weight is None else norm_weight.data_ptr(), eps, out is not None)
     if rc != 0:
         raise KernelError(f"fm_linear failed ({rc}) for type {wtype}, [{m}, {k}] x [{n}, {k}]")
     return y
+
+
+def argmax_rows(lib: ctypes.CDLL, x: torch.Tensor) -> list[int]:
+    """torch.argmax(x, -1).tolist() for float32 CPU rows x [rows, n] (the first index of the
+    largest value, or of the first NaN), on the calling thread alone."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu" or x.stride(1) != 1 or x.shape[1] == 0:
+        raise KernelError(f"argmax_rows: x must be float32 CPU rows with contiguous values, got {x.dtype} "
+                          f"{list(x.shape)} on {x.device}")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.fm_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    return out.tolist()
 
 
 def rope_store(lib: ctypes.CDLL, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
@@ -254,7 +281,7 @@ def attention_rows(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.
     out = torch.empty(rows, heads, dim, dtype=torch.float32)
     rc = lib.fm_attn_rows(q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), slots.data_ptr(),
                           offsets.data_ptr(), lengths.data_ptr(), rows, heads, k.shape[1], dim, scale,
-                          out.data_ptr(), torch.get_num_threads())
+                          out.data_ptr(), threads())
     if rc != 0:
         raise KernelError(f"fm_attn_rows failed ({rc})")
     return out
@@ -302,6 +329,6 @@ def blocks(lib: ctypes.CDLL, table: torch.Tensor, dims: torch.Tensor, eps: float
     rc = lib.fm_blocks(table.data_ptr(), table.shape[0], dims.data_ptr(), eps, scale, x.data_ptr(), t,
                        cos.data_ptr(), signed_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_real,
                        k_cache.data_ptr(), v_cache.data_ptr(), kv_slots.data_ptr(), len(kv_slots),
-                       offsets.data_ptr(), lengths.data_ptr(), torch.get_num_threads())
+                       offsets.data_ptr(), lengths.data_ptr(), threads())
     if rc != 0:
         raise KernelError(f"fm_blocks failed ({rc})" + (": a position or cache slot out of range" if rc == -1 else ""))

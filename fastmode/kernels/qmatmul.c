@@ -7,18 +7,21 @@
  * So a row's result is bit-identical whatever batch it is computed in (batch invariance),
  * which is what lets the fast and standard lanes produce identical tokens without padding.
  *
- * Built at first use by fastmode.kernels (gcc/cc, -O3 -march=native -fopenmp), called through
- * ctypes. Parallel over N with OpenMP; in a process that has imported torch this is torch's
- * own OpenMP runtime, so the kernels and torch share one thread pool.
+ * Built at first use by fastmode.kernels (gcc/cc, -O3 -march=native -pthread), called through
+ * ctypes. Parallel over N on the library's own pool of threads (see run_team), not OpenMP:
+ * libgomp only lets a team's threads spin at barriers while it manages no more threads than
+ * there are CPUs, so once torch has a team in the main thread, every barrier of a pass run
+ * from the engine's thread put a thread to sleep and woke it (a 2.7 ms pass took 9 ms).
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <float.h>
 #include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -58,6 +61,155 @@ typedef struct {
  *   Q4_1 group (160 bytes): 8 f16 d, 8 f16 m, 8 x 16 bytes of nibbles (low nibbles: values 0..15)
  *   Q8_0 group (272 bytes): 8 f16 d, 8 x 32 int8 */
 #define GROUP 8
+
+/* ---- the thread pool ------------------------------------------------------------------------
+ * run_team(fn, ctx, n) runs fn(ctx, tid, n) on the calling thread (tid 0) and n - 1 pool
+ * workers (started at first need, kept for the process). A team body shares loops out with
+ * share() and waits for the others with team_barrier(): between the steps of a pass the
+ * workers spin (a pass has about 150 such barriers); between passes they spin WORKER_SPIN_NS
+ * and then sleep until the next job. One team runs at a time: a caller that finds the pool
+ * busy (a second engine) runs its job alone, which gives the same results (see the top). */
+#define MAX_TEAM 64
+#ifndef WORKER_SPIN_NS
+#define WORKER_SPIN_NS 2000000 /* how long an idle worker spins for the next job before it sleeps */
+#endif
+#define YIELD_AFTER 4096      /* barrier spins before a waiting thread also yields its CPU */
+
+typedef void (*team_fn)(void *ctx, int tid, int nth);
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER; /* workers' sleep and start */
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* held while a team runs */
+static int pool_size = 0;      /* workers started: tids 1 .. pool_size (written under both locks) */
+static int pool_sleepers = 0;  /* under pool_lock */
+static atomic_ulong pool_gen;  /* bumped for each job */
+static atomic_int pool_left;   /* workers yet to finish the current job */
+static atomic_int bar_count;   /* threads arrived at the current barrier */
+static atomic_uint bar_phase;  /* barriers passed */
+static unsigned long start_gen[MAX_TEAM]; /* pool_gen when each worker was started */
+static team_fn job_fn;         /* the current job (written before pool_gen is bumped) */
+static void *job_ctx;
+static int job_nth;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void *worker_main(void *arg) {
+    const int tid = (int)(intptr_t)arg;
+    unsigned long seen = start_gen[tid]; /* jobs after this one are this worker's */
+    for (;;) {
+        unsigned long gen;
+        int64_t since = 0;
+        int spins = 0;
+        while ((gen = atomic_load_explicit(&pool_gen, memory_order_acquire)) == seen) {
+            cpu_relax();
+            if (++spins % 256) continue;
+            if (!since) since = now_ns();
+            else if (now_ns() - since > WORKER_SPIN_NS) {
+                pthread_mutex_lock(&pool_lock);
+                pool_sleepers++;
+                while (atomic_load_explicit(&pool_gen, memory_order_acquire) == seen)
+                    pthread_cond_wait(&pool_wake, &pool_lock);
+                pool_sleepers--;
+                pthread_mutex_unlock(&pool_lock);
+            }
+        }
+        seen = gen;
+        if (tid < job_nth) job_fn(job_ctx, tid, job_nth);
+        atomic_fetch_sub_explicit(&pool_left, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+/* The n threads of the running team wait here for each other (n = the team's size). */
+static void team_barrier(int nth) {
+    if (nth <= 1) return;
+    const unsigned phase = atomic_load_explicit(&bar_phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&bar_count, 1, memory_order_acq_rel) == nth - 1) {
+        atomic_store_explicit(&bar_count, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&bar_phase, 1, memory_order_acq_rel);
+        return;
+    }
+    int spins = 0;
+    while (atomic_load_explicit(&bar_phase, memory_order_acquire) == phase) {
+        cpu_relax();
+        if (++spins > YIELD_AFTER) sched_yield(); /* another process took a core: let it run */
+    }
+}
+
+/* Thread tid's share [*lo, *hi) of n loop iterations, in contiguous blocks (as OpenMP's static schedule). */
+static inline void share(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi) {
+    const int64_t per = n / nth, extra = n % nth;
+    *lo = tid * per + (tid < extra ? tid : extra);
+    *hi = *lo + per + (tid < extra ? 1 : 0);
+}
+
+/* In a child process (fork) the workers do not exist: start from an empty pool there. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+    pthread_mutex_init(&pool_busy, NULL);
+    pool_size = 0;
+    pool_sleepers = 0;
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static void run_team(team_fn fn, void *ctx, int nth) {
+    if (nth > MAX_TEAM) nth = MAX_TEAM;
+    pthread_once(&pool_once, pool_init);
+    if (nth <= 1 || pthread_mutex_trylock(&pool_busy) != 0) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    if (pool_size < nth - 1) {
+        pthread_mutex_lock(&pool_lock);
+        while (pool_size < nth - 1) {
+            pthread_t t;
+            pthread_attr_t attr;
+            pthread_attr_init(&attr);
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            start_gen[pool_size + 1] = atomic_load_explicit(&pool_gen, memory_order_acquire);
+            const int failed = pthread_create(&t, &attr, worker_main, (void *)(intptr_t)(pool_size + 1));
+            pthread_attr_destroy(&attr);
+            if (failed) break;
+            pool_size++;
+        }
+        pthread_mutex_unlock(&pool_lock);
+    }
+    if (nth > pool_size + 1) nth = pool_size + 1;
+    if (nth <= 1) {
+        pthread_mutex_unlock(&pool_busy);
+        fn(ctx, 0, 1);
+        return;
+    }
+    job_fn = fn;
+    job_ctx = ctx;
+    job_nth = nth;
+    atomic_store_explicit(&bar_count, 0, memory_order_relaxed);
+    atomic_store_explicit(&pool_left, pool_size, memory_order_relaxed);
+    pthread_mutex_lock(&pool_lock);
+    atomic_fetch_add_explicit(&pool_gen, 1, memory_order_acq_rel);
+    if (pool_sleepers) pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    fn(ctx, 0, nth);
+    int spins = 0;
+    while (atomic_load_explicit(&pool_left, memory_order_acquire) != 0) {
+        cpu_relax();
+        if (++spins > YIELD_AFTER) sched_yield();
+    }
+    pthread_mutex_unlock(&pool_busy);
+}
 
 static inline float half_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -323,11 +475,11 @@ static inline __attribute__((always_inline)) void dot_rows_n(int type, const uin
 #endif
 }
 
-#ifdef FM_AVX2
 /* The x operand of the R8 tiles, pre-broadcast: per row and block, its 8 chunks of 4 int8 values
  * (values 4j..4j+3 for chunk j), each repeated over the 8 output rows' lanes (32 bytes), so the
  * tiles read each chunk as one vector load instead of broadcasting it once per weight tile. */
 #define XW_BLOCK (8 * 32)
+#ifdef FM_AVX2
 #define XCHUNK(xb, j) _mm256_loadu_si256((const __m256i *)((xb) + 32 * (j)))
 
 static void broadcast_chunks(const int8_t *xq, int64_t blocks, int8_t *xw) {
@@ -569,64 +721,57 @@ static void prologue_row(int prologue, const float *x, int64_t K, const float *p
     }
 }
 
-/* y[M, N] (=, or += with accumulate) (prologue(x))[M, K] @ W^T, W [N, K] in `type` blocks.
- * Returns 0, -1 for a bad type or shape, -2 when out of memory. */
-int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
-              int nthreads, int prologue, const float *pw, float eps, int accumulate) {
-    if (K % QK != 0 || (type != FM_Q4_1 && type != FM_Q8_0) || prologue < PRO_NONE || prologue > PRO_SWIGLU)
-        return -1;
+/* Bytes of activation buffer (int8 values, scales d, sums s, integer sums) for M rows of nb blocks. */
+static size_t xbuf_bytes(int64_t M, int64_t nb) { return (size_t)(M * nb) * (QK + 2 * sizeof(float) + sizeof(int32_t)); }
+
+/* Whether a matrix of N rows uses the R8 tiles, whose x is pre-broadcast (xw, XW_BLOCK bytes a block). */
+static int uses_xw(int64_t N) {
+#ifdef FM_AVX2
+    return fm_row_interleaved(N) == GROUP;
+#else
+    (void)N;
+    return 0;
+#endif
+}
+
+/* The body of fm_linear, run by each thread tid of a team of nth (see run_team). Buffers come
+ * from the caller: xbuf (xbuf_bytes(M, K / QK)); xw (M * nb * XW_BLOCK bytes) where uses_xw(N); scratch
+ * (M * N floats) with accumulate; tmp (tmp_stride >= K floats per thread) with a prologue. Ends
+ * at a barrier: y is complete for every thread when it returns. */
+static void linear_team(int tid, int nth, int type, const uint8_t *w, int64_t N, int64_t K, const float *x,
+                        int64_t M, float *y, int prologue, const float *pw, float eps, int accumulate,
+                        uint8_t *xbuf, int8_t *xw, float *scratch, float *tmp, int64_t tmp_stride) {
     const int64_t nb = K / QK;
     const int64_t row_bytes = nb * (type == FM_Q4_1 ? Q4_1_BYTES : Q8_0_BYTES);
     const int64_t x_stride = prologue == PRO_SWIGLU ? 2 * K : K;
-    /* one allocation: int8 values, then scales d, sums s and the values' integer sums */
-    uint8_t *xbuf = (uint8_t *)malloc((size_t)(M * nb) * (QK + 2 * sizeof(float) + sizeof(int32_t)));
-    if (!xbuf) return -2;
     int8_t *xq = (int8_t *)xbuf;
     float *xd = (float *)(xbuf + M * nb * QK), *xs = xd + M * nb;
     int32_t *xi = (int32_t *)(xs + M * nb);
-    int8_t *xw = NULL; /* the R8 tiles' pre-broadcast x (AVX2, N % 8 == 0) */
     const int interleaved = fm_row_interleaved(N);
-#ifdef FM_AVX2
-    if (interleaved == GROUP) {
-        xw = (int8_t *)malloc((size_t)(M * nb) * XW_BLOCK);
-        if (!xw) { free(xbuf); return -2; }
-    }
-#endif
-    if (nthreads < 1) nthreads = 1;
-    int failed = 0;
+    if (!uses_xw(N)) xw = NULL;
+    (void)xw; /* read only by the R8 tiles (AVX2 builds) */
+    float *mine = tmp ? tmp + tid * tmp_stride : NULL;
+    int64_t lo, hi;
     /* quantize the activations (row by row: a row's blocks depend only on that row) */
-#pragma omp parallel num_threads(nthreads) if (M > 1 && M * K >= QUANTIZE_PARALLEL_MIN)
-    {
-        float *tmp = prologue != PRO_NONE ? (float *)malloc((size_t)K * sizeof(float)) : NULL;
-        if (prologue != PRO_NONE && !tmp) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            if (prologue == PRO_NONE) {
-                quantize_row(x + m * x_stride, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
-            } else if (tmp) {
-                prologue_row(prologue, x + m * x_stride, K, pw, eps, tmp);
-                quantize_row(tmp, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
-            }
-#ifdef FM_AVX2
-            if (xw && (prologue == PRO_NONE || tmp)) broadcast_chunks(xq + m * nb * QK, nb, xw + m * nb * XW_BLOCK);
-#endif
+    share(M, tid, nth, &lo, &hi);
+    for (int64_t m = lo; m < hi; m++) {
+        if (prologue == PRO_NONE) {
+            quantize_row(x + m * x_stride, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
+        } else {
+            prologue_row(prologue, x + m * x_stride, K, pw, eps, mine);
+            quantize_row(mine, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
         }
-        free(tmp);
+#ifdef FM_AVX2
+        if (xw) broadcast_chunks(xq + m * nb * QK, nb, xw + m * nb * XW_BLOCK);
+#endif
     }
-    if (failed) { free(xw); free(xbuf); return -2; }
+    team_barrier(nth);
     /* tiles of output columns: a tile's weight rows stay in cache while every x row passes */
     const int64_t tile = 16;
     const int64_t ntiles = (N + tile - 1) / tile;
-    float *dst = y;
-    float *scratch = NULL;
-    if (accumulate) { /* dot products land in scratch, then add to y row by row, in one order */
-        scratch = (float *)malloc((size_t)(M * N) * sizeof(float));
-        if (!scratch) { free(xw); free(xbuf); return -2; }
-        dst = scratch;
-    }
-    /* small products run on one thread: a fork and join costs more than they do */
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * N * nb >= PARALLEL_MIN_BLOCKS)
-    for (int64_t t = 0; t < ntiles; t++) {
+    float *dst = accumulate ? scratch : y; /* with accumulate: dot products, then added to y row by row */
+    share(ntiles, tid, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++) {
         const int64_t n0 = t * tile, n1 = n0 + tile < N ? n0 + tile : N;
         int64_t m = 0;
 #ifdef FM_VNNI512
@@ -661,10 +806,60 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
             for (int64_t mm = 0; mm < M; mm++)
                 for (int64_t n = n0; n < n1; n++) y[mm * N + n] += scratch[mm * N + n];
     }
+    team_barrier(nth);
+    (void)interleaved;
+}
+
+typedef struct {
+    int type;
+    const uint8_t *w;
+    int64_t N, K;
+    const float *x;
+    int64_t M;
+    float *y;
+    int prologue;
+    const float *pw;
+    float eps;
+    int accumulate;
+    uint8_t *xbuf;
+    int8_t *xw;
+    float *scratch, *tmp;
+    int64_t tmp_stride;
+} linear_job;
+
+static void run_linear(void *ctx, int tid, int nth) {
+    const linear_job *j = (const linear_job *)ctx;
+    linear_team(tid, nth, j->type, j->w, j->N, j->K, j->x, j->M, j->y, j->prologue, j->pw, j->eps, j->accumulate,
+                j->xbuf, j->xw, j->scratch, j->tmp, j->tmp_stride);
+}
+
+/* y[M, N] (=, or += with accumulate) (prologue(x))[M, K] @ W^T, W [N, K] in `type` blocks.
+ * Returns 0, -1 for a bad type or shape, -2 when out of memory. */
+int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+              int nthreads, int prologue, const float *pw, float eps, int accumulate) {
+    if (K % QK != 0 || (type != FM_Q4_1 && type != FM_Q8_0) || prologue < PRO_NONE || prologue > PRO_SWIGLU)
+        return -1;
+    const int64_t nb = K / QK;
+    if (nthreads < 1) nthreads = 1;
+    /* small products run on one thread: a fork and join costs more than they do */
+    const int parallel = nthreads > 1 && (M * N * nb >= PARALLEL_MIN_BLOCKS || (M > 1 && M * K >= QUANTIZE_PARALLEL_MIN));
+    const int team = parallel ? nthreads : 1;
+    uint8_t *xbuf = (uint8_t *)malloc(xbuf_bytes(M, nb));
+    int8_t *xw = uses_xw(N) ? (int8_t *)malloc((size_t)(M * nb) * XW_BLOCK) : NULL;
+    float *scratch = accumulate ? (float *)malloc((size_t)(M * N) * sizeof(float)) : NULL;
+    float *tmp = prologue != PRO_NONE ? (float *)malloc((size_t)(team * K) * sizeof(float)) : NULL;
+    int rc = 0;
+    if (!xbuf || (uses_xw(N) && !xw) || (accumulate && !scratch) || (prologue != PRO_NONE && !tmp)) {
+        rc = -2;
+    } else {
+        linear_job job = {type, w, N, K, x, M, y, prologue, pw, eps, accumulate, xbuf, xw, scratch, tmp, K};
+        run_team(run_linear, &job, team);
+    }
+    free(tmp);
     free(scratch);
     free(xw);
     free(xbuf);
-    return 0;
+    return rc;
 }
 
 /* Rotary embedding and the KV cache write for one layer, in place on the qkv projection.
@@ -836,6 +1031,60 @@ static void attend_heads(int nq, const float *const *qh, const uint16_t *k, cons
     else attend_heads_n(1, qh, k, v, sl, n, stride, off, head_dim, scale, p, o);
 }
 
+/* The body of fm_attn_rows, run by each thread of a team (see linear_team); scratch: per thread ATTN_Q * (max_len + 8) floats, max_len the longest row.
+ * Ends at a barrier. */
+static void attn_team(int tid, int nth, const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, const int64_t *slots,
+                      const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, float scale, float *out, float *scratch, int64_t max_len) {
+    const int64_t group = heads / kv_heads, stride = kv_heads * head_dim;
+    /* a task: up to ATTN_Q query heads of one row that share a kv head */
+    const int64_t chunks = (group + ATTN_Q - 1) / ATTN_Q, tasks = rows * kv_heads * chunks;
+    float *mine = scratch + tid * ATTN_Q * (max_len + 8);
+    int64_t lo, hi;
+    share(tasks, tid, nth, &lo, &hi);
+    for (int64_t task = lo; task < hi; task++) {
+        const int64_t r = task / (kv_heads * chunks), g = task / chunks % kv_heads, c = task % chunks;
+        const int64_t h0 = g * group + c * ATTN_Q;
+        const int nq = group - c * ATTN_Q < ATTN_Q ? (int)(group - c * ATTN_Q) : ATTN_Q;
+        const float *qh[ATTN_Q];
+        float *p[ATTN_Q], *o[ATTN_Q];
+        for (int i = 0; i < nq; i++) {
+            qh[i] = q + r * q_stride + (h0 + i) * head_dim;
+            p[i] = mine + i * (max_len + 8);
+            o[i] = out + (r * heads + h0 + i) * head_dim;
+        }
+        attend_heads(nq, qh, k, v, slots + offsets[r], lengths[r], stride, g * head_dim, head_dim, scale, p, o);
+    }
+    team_barrier(nth);
+}
+
+typedef struct {
+    const float *q;
+    int64_t q_stride;
+    const uint16_t *k, *v;
+    const int64_t *slots, *offsets, *lengths;
+    int64_t rows, heads, kv_heads, head_dim;
+    float scale;
+    float *out, *scratch;
+    int64_t max_len;
+} attn_job;
+
+static void run_attn(void *ctx, int tid, int nth) {
+    const attn_job *j = (const attn_job *)ctx;
+    attn_team(tid, nth, j->q, j->q_stride, j->k, j->v, j->slots, j->offsets, j->lengths, j->rows, j->heads,
+              j->kv_heads, j->head_dim, j->scale, j->out, j->scratch, j->max_len);
+}
+
+/* The longest of `rows` lengths, or -1 if one is below 1. */
+static int64_t longest(const int64_t *lengths, int64_t rows) {
+    int64_t max_len = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if (lengths[r] < 1) return -1;
+        max_len = lengths[r] > max_len ? lengths[r] : max_len;
+    }
+    return max_len;
+}
+
 /* Attention over the paged KV cache, one query row at a time.
  * q: rows `q_stride` floats apart, each [heads, head_dim] (head_dim a multiple of 8); k, v: one
  * layer's cache [slots, kv_heads, head_dim] in f16; slots: the cache slot of each key position;
@@ -846,39 +1095,21 @@ int fm_attn_rows(const float *q, int64_t q_stride, const uint16_t *k, const uint
                  const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t heads,
                  int64_t kv_heads, int64_t head_dim, float scale, float *out, int nthreads) {
     if (kv_heads < 1 || heads % kv_heads != 0 || head_dim % 8 != 0) return -1;
-    int64_t max_len = 0, work = 0;
-    for (int64_t r = 0; r < rows; r++) {
-        if (lengths[r] < 1) return -1;
-        max_len = lengths[r] > max_len ? lengths[r] : max_len;
-        work += lengths[r];
-    }
-    const int64_t group = heads / kv_heads, stride = kv_heads * head_dim;
-    /* a task: up to ATTN_Q query heads of one row that share a kv head */
-    const int64_t chunks = (group + ATTN_Q - 1) / ATTN_Q, tasks = rows * kv_heads * chunks;
-    int failed = 0;
+    const int64_t max_len = longest(lengths, rows);
+    if (max_len < 0) return -1;
+    int64_t work = 0;
+    for (int64_t r = 0; r < rows; r++) work += lengths[r];
+    const int64_t tasks = rows * kv_heads * ((heads / kv_heads + ATTN_Q - 1) / ATTN_Q);
     if (nthreads < 1) nthreads = 1;
-#pragma omp parallel num_threads(nthreads) if (tasks > 1 && work * heads * head_dim >= PARALLEL_MIN_ATTN)
-    {
-        float *scratch = (float *)malloc((size_t)ATTN_Q * (max_len + 8) * sizeof(float));
-        if (!scratch) failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < tasks; task++) {
-            if (!scratch) continue;
-            const int64_t r = task / (kv_heads * chunks), g = task / chunks % kv_heads, c = task % chunks;
-            const int64_t h0 = g * group + c * ATTN_Q;
-            const int nq = group - c * ATTN_Q < ATTN_Q ? (int)(group - c * ATTN_Q) : ATTN_Q;
-            const float *qh[ATTN_Q];
-            float *p[ATTN_Q], *o[ATTN_Q];
-            for (int i = 0; i < nq; i++) {
-                qh[i] = q + r * q_stride + (h0 + i) * head_dim;
-                p[i] = scratch + i * (max_len + 8);
-                o[i] = out + (r * heads + h0 + i) * head_dim;
-            }
-            attend_heads(nq, qh, k, v, slots + offsets[r], lengths[r], stride, g * head_dim, head_dim, scale, p, o);
-        }
-        free(scratch);
-    }
-    return failed ? -2 : 0;
+    const int parallel = nthreads > 1 && tasks > 1 && work * heads * head_dim >= PARALLEL_MIN_ATTN;
+    const int team = parallel ? nthreads : 1;
+    float *scratch = (float *)malloc((size_t)(team * ATTN_Q * (max_len + 8)) * sizeof(float));
+    if (!scratch) return -2;
+    attn_job job = {q, q_stride, k, v, slots, offsets, lengths, rows, heads, kv_heads, head_dim, scale, out, scratch,
+                    max_len};
+    run_team(run_attn, &job, team);
+    free(scratch);
+    return 0;
 }
 
 /* The transformer blocks of one pass, all in here: per layer, qkv = (RMS-norm x) W_qkv (+ bias),
@@ -894,47 +1125,147 @@ int fm_attn_rows(const float *q, int64_t q_stride, const uint16_t *k, const uint
 enum { FM_QKV_W, FM_O_W, FM_GU_W, FM_DOWN_W, FM_QKV_T, FM_O_T, FM_GU_T, FM_DOWN_T, FM_ATTN_NORM, FM_MLP_NORM,
        FM_QKV_BIAS, FM_LAYER_FIELDS };
 
+typedef struct {
+    const int64_t *layers;
+    int64_t num_layers, H, heads, kv_heads, hd, I, max_position, num_slots, nqkv, cache_stride, widest, max_len;
+    float eps, scale;
+    float *x;
+    int64_t T;
+    const float *cos, *ssin;
+    const int64_t *positions, *slots;
+    int64_t num_real;
+    uint16_t *kc, *vc;
+    const int64_t *kv_slots, *offsets, *lengths;
+    float *qkv, *att, *gu, *sum, *tmp, *scores;
+    uint8_t *xbuf;
+    int8_t *xw;
+    int rc; /* written by thread 0 only, read by all after a barrier */
+} blocks_job;
+
+/* Every layer of the pass, by each thread of the team: the steps in order, a barrier after each. */
+static void run_blocks(void *ctx, int tid, int nth) {
+    blocks_job *j = (blocks_job *)ctx;
+    const int64_t T = j->T, H = j->H, hd = j->hd, I = j->I, heads = j->heads, nqkv = j->nqkv;
+    for (int64_t l = 0; l < j->num_layers; l++) {
+        const int64_t *L = j->layers + l * FM_LAYER_FIELDS;
+        uint16_t *kl = j->kc + l * j->cache_stride, *vl = j->vc + l * j->cache_stride;
+        linear_team(tid, nth, (int)L[FM_QKV_T], (const uint8_t *)L[FM_QKV_W], nqkv, H, j->x, T, j->qkv, PRO_RMSNORM,
+                    (const float *)L[FM_ATTN_NORM], j->eps, 0, j->xbuf, j->xw, NULL, j->tmp, j->widest);
+        if (tid == 0) {
+            if (L[FM_QKV_BIAS]) {
+                const float *b = (const float *)L[FM_QKV_BIAS];
+                for (int64_t t = 0; t < T; t++)
+                    for (int64_t n = 0; n < nqkv; n++) j->qkv[t * nqkv + n] += b[n];
+            }
+            j->rc = fm_rope_store(j->qkv, T, heads, j->kv_heads, hd, j->cos, j->ssin, j->max_position, j->positions,
+                                  j->slots, j->num_real, kl, vl, j->num_slots);
+        }
+        team_barrier(nth); /* every thread now sees the same rc */
+        if (j->rc != 0) return;
+        attn_team(tid, nth, j->qkv, nqkv, kl, vl, j->kv_slots, j->offsets, j->lengths, T, heads, j->kv_heads, hd,
+                  j->scale, j->att, j->scores, j->max_len);
+        linear_team(tid, nth, (int)L[FM_O_T], (const uint8_t *)L[FM_O_W], H, heads * hd, j->att, T, j->x, PRO_NONE,
+                    NULL, 0.0f, 1, j->xbuf, j->xw, j->sum, NULL, j->widest);
+        linear_team(tid, nth, (int)L[FM_GU_T], (const uint8_t *)L[FM_GU_W], 2 * I, H, j->x, T, j->gu, PRO_RMSNORM,
+                    (const float *)L[FM_MLP_NORM], j->eps, 0, j->xbuf, j->xw, NULL, j->tmp, j->widest);
+        linear_team(tid, nth, (int)L[FM_DOWN_T], (const uint8_t *)L[FM_DOWN_W], H, I, j->gu, T, j->x, PRO_SWIGLU,
+                    NULL, 0.0f, 1, j->xbuf, j->xw, j->sum, j->tmp, j->widest);
+    }
+}
+
 int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, float eps, float scale, float *x,
               int64_t T, const float *cos, const float *ssin, const int64_t *positions, const int64_t *slots,
               int64_t num_real, uint16_t *kc, uint16_t *vc, const int64_t *kv_slots, int64_t num_kv,
               const int64_t *offsets, const int64_t *lengths, int nthreads) {
     const int64_t H = dims[0], heads = dims[1], kv_heads = dims[2], hd = dims[3], I = dims[4];
-    const int64_t max_position = dims[5], num_slots = dims[6];
     for (int64_t i = 0; i < num_kv; i++)
-        if (kv_slots[i] < 0 || kv_slots[i] >= num_slots) return -1;
+        if (kv_slots[i] < 0 || kv_slots[i] >= dims[6]) return -1;
     for (int64_t t = 0; t < T; t++)
         if (offsets[t] < 0 || lengths[t] < 1 || offsets[t] + lengths[t] > num_kv) return -1;
-    const int64_t nqkv = (heads + 2 * kv_heads) * hd, cache_stride = num_slots * kv_heads * hd;
-    float *qkv = (float *)malloc((size_t)(T * nqkv + T * heads * hd + T * 2 * I) * sizeof(float));
-    if (!qkv) return -2;
-    float *att = qkv + T * nqkv, *gu = att + T * heads * hd;
-    int rc = 0;
-    for (int64_t l = 0; l < num_layers && rc == 0; l++) {
+    if (kv_heads < 1 || heads % kv_heads != 0 || hd % 8 != 0 || H % QK || (heads * hd) % QK || I % QK) return -1;
+    for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *L = layers + l * FM_LAYER_FIELDS;
-        uint16_t *kl = kc + l * cache_stride, *vl = vc + l * cache_stride;
-        rc = fm_linear((int)L[FM_QKV_T], (const uint8_t *)L[FM_QKV_W], nqkv, H, x, T, qkv, nthreads, PRO_RMSNORM,
-                       (const float *)L[FM_ATTN_NORM], eps, 0);
-        if (rc == 0 && L[FM_QKV_BIAS]) {
-            const float *b = (const float *)L[FM_QKV_BIAS];
-            for (int64_t t = 0; t < T; t++)
-                for (int64_t n = 0; n < nqkv; n++) qkv[t * nqkv + n] += b[n];
-        }
-        if (rc == 0)
-            rc = fm_rope_store(qkv, T, heads, kv_heads, hd, cos, ssin, max_position, positions, slots, num_real,
-                               kl, vl, num_slots);
-        if (rc == 0)
-            rc = fm_attn_rows(qkv, nqkv, kl, vl, kv_slots, offsets, lengths, T, heads, kv_heads, hd, scale, att,
-                              nthreads);
-        if (rc == 0)
-            rc = fm_linear((int)L[FM_O_T], (const uint8_t *)L[FM_O_W], H, heads * hd, att, T, x, nthreads, PRO_NONE,
-                           NULL, 0.0f, 1);
-        if (rc == 0)
-            rc = fm_linear((int)L[FM_GU_T], (const uint8_t *)L[FM_GU_W], 2 * I, H, x, T, gu, nthreads, PRO_RMSNORM,
-                           (const float *)L[FM_MLP_NORM], eps, 0);
-        if (rc == 0)
-            rc = fm_linear((int)L[FM_DOWN_T], (const uint8_t *)L[FM_DOWN_W], H, I, gu, T, x, nthreads, PRO_SWIGLU,
-                           NULL, 0.0f, 1);
+        for (int f = FM_QKV_T; f <= FM_DOWN_T; f++)
+            if (L[f] != FM_Q4_1 && L[f] != FM_Q8_0) return -1;
     }
-    free(qkv);
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > MAX_TEAM) nthreads = MAX_TEAM;
+    blocks_job j = {.layers = layers, .num_layers = num_layers, .H = H, .heads = heads, .kv_heads = kv_heads,
+                    .hd = hd, .I = I, .max_position = dims[5], .num_slots = dims[6], .eps = eps, .scale = scale,
+                    .x = x, .T = T, .cos = cos, .ssin = ssin, .positions = positions, .slots = slots,
+                    .num_real = num_real, .kc = kc, .vc = vc, .kv_slots = kv_slots, .offsets = offsets,
+                    .lengths = lengths, .rc = 0};
+    j.nqkv = (heads + 2 * kv_heads) * hd;
+    j.cache_stride = dims[6] * kv_heads * hd;
+    j.max_len = longest(lengths, T);
+    j.widest = H > heads * hd ? H : heads * hd; /* the most values a layer's input row has */
+    j.widest = j.widest > I ? j.widest : I;
+    /* every buffer of the pass, made once: the layers' outputs, the quantized activations (the
+     * widest input), pre-broadcast x for R8 tiles, the residual adds' products, and per thread a
+     * prologue row and attention scores */
+    j.qkv = (float *)malloc((size_t)(T * j.nqkv + T * heads * hd + T * 2 * I) * sizeof(float));
+    j.att = j.qkv ? j.qkv + T * j.nqkv : NULL;
+    j.gu = j.att ? j.att + T * heads * hd : NULL;
+    j.xbuf = (uint8_t *)malloc(xbuf_bytes(T, j.widest / QK));
+    const int xw_needed = uses_xw(j.nqkv) || uses_xw(H) || uses_xw(2 * I);
+    j.xw = xw_needed ? (int8_t *)malloc((size_t)(T * (j.widest / QK)) * XW_BLOCK) : NULL;
+    j.sum = (float *)malloc((size_t)(T * H) * sizeof(float));
+    j.tmp = (float *)malloc((size_t)(nthreads * j.widest) * sizeof(float));
+    j.scores = (float *)malloc((size_t)(nthreads * ATTN_Q * (j.max_len + 8)) * sizeof(float));
+    int rc = -2;
+    if (j.qkv && j.xbuf && (j.xw || !xw_needed) && j.sum && j.tmp && j.scores) {
+        /* one team for the whole pass: its threads meet at a barrier after each step */
+        run_team(run_blocks, &j, nthreads);
+        rc = j.rc;
+    }
+    free(j.scores);
+    free(j.tmp);
+    free(j.sum);
+    free(j.xw);
+    free(j.xbuf);
+    free(j.qkv);
     return rc;
+}
+
+/* out[r] = the index of the largest of x[r, 0..n) (rows `stride` floats apart), the first one
+ * where several are equal, or of the first NaN if a row has one: torch.argmax's answer, in one
+ * vector pass per row (per lane its largest value and where it first was). Serial: the greedy
+ * verification of a pass's rows, without starting any thread team. */
+void fm_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        float best = -INFINITY;
+        int64_t at = -1, j = 0;
+        int nan = 0;
+#ifdef FM_AVX2
+        if (n >= 8) {
+            __m256 m = _mm256_loadu_ps(row), unordered = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
+            __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = idx;
+            const __m256i step = _mm256_set1_epi32(8);
+            for (j = 8; j + 8 <= n; j += 8) {
+                cur = _mm256_add_epi32(cur, step);
+                const __m256 v = _mm256_loadu_ps(row + j);
+                const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ); /* strictly larger: a lane keeps its first */
+                m = _mm256_blendv_ps(m, v, gt);
+                idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(cur), gt));
+                unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            }
+            nan = _mm256_movemask_ps(unordered) != 0;
+            float lv[8];
+            int32_t li[8];
+            _mm256_storeu_ps(lv, m);
+            _mm256_storeu_si256((__m256i *)li, idx);
+            for (int i = 0; i < 8; i++)
+                if (lv[i] > best || (lv[i] == best && (at < 0 || li[i] < at))) { best = lv[i]; at = li[i]; }
+        }
+#endif
+        for (; j < n; j++) {
+            if (row[j] != row[j]) nan = 1;
+            else if (row[j] > best || at < 0) { best = row[j]; at = j; }
+        }
+        if (nan)
+            for (j = 0; j < n; j++)
+                if (row[j] != row[j]) { at = j; break; }
+        out[r] = at < 0 ? 0 : at;
+    }
 }
