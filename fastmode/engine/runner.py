@@ -180,7 +180,7 @@ class Runner:
             num_real=real,
             segments=segments,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
-            decode=None if any(seg.is_prefill for seg in segments) else _decode_rows(segments, total),
+            decode=_decode_rows(segments, total) if self.model.native or not any(seg.is_prefill for seg in segments) else None,
         )
         return batch.to(self.device), ranges
 
@@ -194,10 +194,10 @@ class Runner:
         decode = all(not s.is_prefill for s in batch.segments)
         threads = self.threads.pick(rows) if self.threads is not None and decode else self.fixed_threads
         torch_threads = torch.get_num_threads()
-        # On the native kernels a decode pass is all the kernels' own thread pool: torch runs on
-        # one thread meanwhile, so that none of its idle OpenMP threads spins for a core the
-        # kernels' threads need (prefill passes use torch's attention, on torch's threads).
-        quiet = self.model.native and decode and torch_threads != 1
+        # On the native kernels the kernels' own thread pool does a pass's work: torch runs on
+        # one thread meanwhile (its part: embeddings, and a prefill chunk's attention), so that
+        # none of its idle OpenMP threads spins for a core the kernels' threads need.
+        quiet = self.model.native and torch_threads != 1
         if self.model.native:
             kernels.set_threads(threads)
         elif threads != torch_threads:
