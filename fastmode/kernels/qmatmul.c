@@ -73,7 +73,12 @@ typedef struct {
 #ifndef WORKER_SPIN_NS
 #define WORKER_SPIN_NS 2000000 /* how long an idle worker spins for the next job before it sleeps */
 #endif
-#define YIELD_AFTER 4096      /* barrier spins before a waiting thread also yields its CPU */
+#ifndef YIELD_AFTER
+/* barrier spins (some milliseconds) before a waiting thread also yields its CPU: only when a
+ * team thread has lost its core for that long. Yielding sooner hands the core to any other
+ * runnable thread on the machine for a time slice, which made multi-row passes slower. */
+#define YIELD_AFTER (1 << 18)
+#endif
 
 typedef void (*team_fn)(void *ctx, int tid, int nth);
 
