@@ -206,8 +206,8 @@ def test_native_verification_needs_no_padding(make_q4_engine):
 
 
 def test_one_call_blocks_equal_the_layer_by_layer_path(make_q4_engine):
-    """A pass without prefill rows runs every block in one native call (fm_blocks); it calls
-    the same kernels in the same order as the layer-by-layer path, so logits are bit-identical."""
+    """A native pass runs every block in one call (fm_blocks); it calls the same kernels in the
+    same order as the layer-by-layer path, so logits are bit-identical."""
     engine = make_q4_engine()
     model = engine.model
     prompt = test_engine.prompts(1, seed=13)[0][:30]
@@ -462,8 +462,9 @@ def test_argmax_rows_is_torch_argmax(lib):
 
 
 def test_a_decode_pass_leaves_torch_and_kernel_thread_counts_as_they_were(make_q4_engine, monkeypatch):
-    """During a native decode pass torch runs on one thread and the kernels on the pass's chosen
-    count (their own pool does the work); afterwards the calling thread has its counts back."""
+    """During a native pass (prompt or decode) torch runs on one thread and the kernels on the
+    pass's chosen count (their own pool does the work); afterwards the calling thread has its
+    counts back."""
     engine = make_q4_engine(num_threads=2)
     seen = []
     blocks_call = kernels.blocks

@@ -180,7 +180,7 @@ class Runner:
             num_real=real,
             segments=segments,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
-            decode=_decode_rows(segments, total) if self.model.native or not any(seg.is_prefill for seg in segments) else None,
+            decode=_decode_rows(segments, total) if self.model.native else None,
         )
         return batch.to(self.device), ranges
 
@@ -232,7 +232,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _decode_rows(segments: list[Segment], total: int) -> DecodeRows:
-    """Where each row of a pure decode pass reads its keys; padding rows read one valid key."""
+    """Where each row of a native pass reads its keys (row j of a segment: its first start_pos + j + 1,
+    so prefill rows are causal too); padding rows read one valid key."""
     offsets: list[int] = []
     lengths: list[int] = []
     at = 0

@@ -1080,6 +1080,12 @@ static void run_attn(void *ctx, int tid, int nth) {
               j->kv_heads, j->head_dim, j->scale, j->out, j->scratch, j->max_len);
 }
 
+/* Whether the attention kernel can take these heads: kv heads dividing the query heads, a head
+ * size in whole 8-float vectors. */
+static int attn_shape_ok(int64_t heads, int64_t kv_heads, int64_t head_dim) {
+    return kv_heads >= 1 && heads % kv_heads == 0 && head_dim % 8 == 0;
+}
+
 /* The longest of `rows` lengths, or -1 if one is below 1. */
 static int64_t longest(const int64_t *lengths, int64_t rows) {
     int64_t max_len = 0;
@@ -1099,7 +1105,7 @@ static int64_t longest(const int64_t *lengths, int64_t rows) {
 int fm_attn_rows(const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, const int64_t *slots,
                  const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t heads,
                  int64_t kv_heads, int64_t head_dim, float scale, float *out, int nthreads) {
-    if (kv_heads < 1 || heads % kv_heads != 0 || head_dim % 8 != 0) return -1;
+    if (!attn_shape_ok(heads, kv_heads, head_dim)) return -1;
     const int64_t max_len = longest(lengths, rows);
     if (max_len < 0) return -1;
     int64_t work = 0;
@@ -1187,7 +1193,7 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
         if (kv_slots[i] < 0 || kv_slots[i] >= dims[6]) return -1;
     for (int64_t t = 0; t < T; t++)
         if (offsets[t] < 0 || lengths[t] < 1 || offsets[t] + lengths[t] > num_kv) return -1;
-    if (kv_heads < 1 || heads % kv_heads != 0 || hd % 8 != 0 || H % QK || (heads * hd) % QK || I % QK) return -1;
+    if (!attn_shape_ok(heads, kv_heads, hd) || H % QK || (heads * hd) % QK || I % QK) return -1;
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *L = layers + l * FM_LAYER_FIELDS;
         for (int f = FM_QKV_T; f <= FM_DOWN_T; f++)

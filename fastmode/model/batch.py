@@ -29,8 +29,8 @@ class Segment:
 
 @dataclass
 class DecodeRows:
-    """A pass whose rows all decode (or verify drafts), for the native attention kernel:
-    row r attends to `lengths[r]` keys whose cache slots start at `slots[offsets[r]]`."""
+    """Where each row of a pass on the native kernels reads its keys (decode, draft and prefill
+    rows alike): row r attends to `lengths[r]` keys whose cache slots start at `slots[offsets[r]]`."""
 
     slots: torch.Tensor  # int64, every segment's kv_slots back to back
     offsets: torch.Tensor  # [rows in the pass] int64 (padding rows attend to one key)
@@ -49,7 +49,7 @@ class ForwardBatch:
     num_real: int
     segments: list[Segment]
     logit_rows: torch.Tensor  # [R] int64, rows whose logits are returned (may repeat for padding)
-    decode: DecodeRows | None = None  # set when no row of the pass is a prefill row
+    decode: DecodeRows | None = None  # set for models on the native kernels (every pass)
 
     def to(self, device: torch.device) -> ForwardBatch:
         """This batch with its tensors on `device` (itself when they are there already)."""

@@ -99,23 +99,19 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, batch: ForwardBatch, cache: KVCache, lib: Any) -> torch.Tensor:
         """Attention of rotated queries q [T, heads, head_dim] over the cache (this pass's keys
-        already written) -> [T, heads, head_dim]. Decode rows use the native kernel when `lib`."""
+        already written) -> [T, heads, head_dim]. With `lib` (a native model, whose passes all
+        carry DecodeRows) every row attends straight from the cache in one kernel call."""
         t, h, hkv, d = q.shape[0], self.h, self.hkv, self.d
-        if lib is not None and batch.decode is not None:
-            # a pure decode pass: every row attends straight from the cache, in one call
+        if lib is not None:
+            if batch.decode is None:
+                raise ValueError("a pass on the native kernels needs its DecodeRows (Runner.build makes them)")
             return kernels.attention_rows(lib, q, cache.k[self.layer], cache.v[self.layer], *batch.decode.tensors,
                                           self.scale)
         out = q.new_zeros(t, h, d)
         group = h // hkv
         for seg in batch.segments:
             rows = slice(seg.row_start, seg.row_start + seg.num_rows)
-            if not seg.is_prefill and lib is not None:
-                length = torch.arange(seg.start_pos + 1, seg.start_pos + seg.num_rows + 1)
-                out[rows] = kernels.attention_rows(lib, q[rows], cache.k[self.layer], cache.v[self.layer],
-                                                   seg.kv_slots, torch.zeros_like(length), length, self.scale)
-                continue
-            keys, values = cache.gather(self.layer, seg.kv_slots)  # [L, hkv, d]
-            keys, values = keys.to(q.dtype), values.to(q.dtype)  # the native path's cache is f16
+            keys, values = cache.gather(self.layer, seg.kv_slots)  # [L, hkv, d], in the weights' dtype
             if seg.is_prefill:
                 # One causal attention over the chunk; chunks are aligned to absolute
                 # positions, so both lanes see identical shapes for the same prompt.
@@ -242,7 +238,7 @@ class Llama(nn.Module):
         lib = kernels.load() if self.native else None
         tapped: list[torch.Tensor] = []
         if lib is not None and batch.decode is not None and self._table is not None and self._dims is not None:
-            # a pass without prefill rows: every block in one native call (one per tap)
+            # every block of the pass in one native call (one per tap)
             x = x.contiguous()
             self._dims[6] = cache.k.shape[1]
             norm = self.blocks[0].attn_norm
