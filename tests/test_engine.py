@@ -219,3 +219,11 @@ def test_queue_limit_counts_requests_not_yet_seen_by_the_engine(make_engine):
         engine.add(f"q{i}", [1, 2, 3], SamplingParams(max_tokens=2), Lane.STANDARD, lambda d: None)
     with pytest.raises(EngineOverloaded):
         engine.add("q2", [1, 2, 3], SamplingParams(max_tokens=2), Lane.STANDARD, lambda d: None)
+
+
+def test_drafts_are_priced_by_the_line_fitted_to_decode_passes(make_engine):
+    engine = make_engine()
+    run(engine, prompts(4), Lane.FAST)
+    assert engine.runner.cost.known  # decode passes were timed
+    times = [engine.runner.step_time(r) for r in range(1, engine.runner.cost.max_rows + 1)]
+    assert times == sorted(times) and times[0] > 0

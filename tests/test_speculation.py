@@ -97,3 +97,34 @@ def test_best_proposal_takes_the_source_promising_most_tokens_per_second():
     assert best_proposal(proposals[:1] + [(good, 0, [])], "r", 1, lambda rows: float(rows), 10) == (-1, 0, 0.0)
     tie = [(DraftLengthPolicy(7, 0.9), 1, [1]), (DraftLengthPolicy(7, 0.9), 1, [2])]
     assert best_proposal(tie, "r", 1, cost, 10)[0] == 0  # a tie goes to the first source (prompt lookup)
+
+
+def test_pass_cost_fits_one_line_to_every_pass_size():
+    import random
+    from fastmode.engine.runner import PassCost
+    cost = PassCost(max_rows=16)
+    assert not cost.known
+    cost.observe(1, 0.003)  # one size seen: the prior slope (5% of a pass per row)
+    assert cost(1) == pytest.approx(0.003) and cost(3) == pytest.approx(0.003 * 1.10)
+    rng = random.Random(0)
+    for _ in range(400):  # noisy passes of 1-8 rows on a line of 2 ms + 0.2 ms a row
+        r = rng.randint(1, 8)
+        cost.observe(r, (0.002 + 0.0002 * r) * rng.uniform(0.8, 1.2))
+    a, b = cost.line()
+    assert a == pytest.approx(0.002, rel=0.15) and b == pytest.approx(0.0002, rel=0.15)
+    assert all(cost(r) < cost(r + 1) for r in range(1, 16))  # never cheaper for more rows
+    cost.observe(64, 1.0)  # larger passes are not on the line
+    assert cost.line() == (a, b)
+    for _ in range(600):  # the machine slows down: recent passes win
+        r = rng.randint(1, 8)
+        cost.observe(r, 0.004 + 0.0004 * r)
+    assert cost(4) == pytest.approx(0.0056, rel=0.05)
+
+
+def test_pass_cost_never_gives_a_negative_slope():
+    from fastmode.engine.runner import PassCost
+    cost = PassCost()
+    for _ in range(50):
+        cost.observe(1, 0.004)
+        cost.observe(4, 0.003)  # bigger passes measured faster (noise, a busy moment)
+    assert cost.line()[1] == 0.0 and cost(4) == pytest.approx(cost(1))
