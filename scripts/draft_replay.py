@@ -7,9 +7,14 @@ Deterministic: no timing noise, so policy changes can be judged here before they
 for real.
 
     .venv/bin/python scripts/draft_replay.py bench-results/compare.json [--config default]
+        [--workload fastmode/bench/workloads/heldout.jsonl] [--corpus FILE]
 
-Prints, per category, the median over its prompts of standard time / fast time for: the
-policy (what the fast lane should measure), perfect draft lengths, and the pass-cost ceiling.
+With a workload other than the run's (e.g. the held-out prompts, which no draft source was
+made from), the outputs are the model's greedy answers to its prompts on the native kernels,
+made here first; `--corpus` replays another draft corpus file (`fastmode train-head
+--corpus-only --out ...` writes one). Prints, per category, the median over its prompts of
+standard time / fast time for: the policy (what the fast lane should measure), perfect draft
+lengths, and the pass-cost ceiling.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastmode.config import EngineConfig
 from fastmode.engine.corpus import DraftCorpus, draft_policy
@@ -103,12 +109,32 @@ def replay(prompts: list[list[int]], outputs: list[list[int]], cost: Callable[[i
     return ratios
 
 
+def greedy_answers(loaded: Any, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    """The model's greedy answers to these prompts (the standard lane, one after another)."""
+    from fastmode.engine.engine import Engine
+    from fastmode.engine.request import Lane, SamplingParams
+
+    engine = Engine(loaded.model, EngineConfig(kv_cache_tokens=8192), loaded.tokenizer.eos_ids)
+    outputs = []
+    for i, (ids, limit) in enumerate(zip(prompts, max_tokens)):
+        out: list[int] = []
+        done: list[bool] = []
+        engine.add(f"answer-{i}", ids, SamplingParams(max_tokens=limit), Lane.STANDARD,
+                   lambda d: (out.extend(d.token_ids), d.status.finished and done.append(True)))
+        while not done:
+            engine.step()
+        outputs.append(out)
+    return outputs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report", help="compare.json written by `fastmode bench --compare`")
     p.add_argument("--config", default="default", help="which fastmode configuration of the report (default, float32)")
-    p.add_argument("--workload", default=None, help="the workload the run used (default: the report's)")
+    p.add_argument("--workload", default=None, help="the prompts to replay (default: the run's workload, with the run's outputs; "
+                   "another workload: the model's greedy answers, made here)")
     p.add_argument("--no-corpus", action="store_true", help="replay prompt lookup alone")
+    p.add_argument("--corpus", default=None, help="a draft corpus file to replay instead of the model's")
     args = p.parse_args(argv)
 
     from fastmode.bench.compare import prompt_ids
@@ -123,14 +149,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     suffix = "" if args.config == "default" else f" {args.config}"
     cost = interpolate({int(r): t for r, t in config["pass_ms"].items()})
-    loaded = load_model(report["model"], native_kernels=False)
+    workload = args.workload or report.get("workload") or str(WORKLOADS / "dev.jsonl")
+    own = Path(workload).resolve() == Path(report.get("workload") or WORKLOADS / "dev.jsonl").resolve()
+    loaded = load_model(report["model"], native_kernels=not own)
     tokenizer, corpus = loaded.tokenizer, None if args.no_corpus else loaded.draft_corpus
-    items = load_workload(args.workload or report.get("workload") or str(WORKLOADS / "dev.jsonl"), None)
-    runs = sorted((r for r in report["runs"] if r["contender"] == f"fastmode standard{suffix}" and r["repeat"] == 0),
-                  key=lambda r: r["prompt"])
-    prompts = prompt_ids(tokenizer, report["model"], [items[r["prompt"]] for r in runs])
-    outputs = [r["tokens"] for r in runs]
-    cats = [r["category"] for r in runs]
+    if args.corpus and not args.no_corpus:
+        corpus = DraftCorpus.load(Path(args.corpus), loaded.arch.vocab_size)
+    items = load_workload(workload, None)
+    if own:  # the run's outputs, as its standard lane produced them
+        runs = sorted((r for r in report["runs"] if r["contender"] == f"fastmode standard{suffix}" and r["repeat"] == 0),
+                      key=lambda r: r["prompt"])
+        prompts = prompt_ids(tokenizer, report["model"], [items[r["prompt"]] for r in runs])
+        outputs = [r["tokens"] for r in runs]
+        cats = [r["category"] for r in runs]
+    else:
+        prompts = prompt_ids(tokenizer, report["model"], items)
+        outputs = greedy_answers(loaded, prompts, [int(i.get("max_tokens", 200)) for i in items])
+        cats = [i["category"] for i in items]
     max_draft = EngineConfig().max_draft
     ceiling = max(r * cost(1) / cost(r) for r in range(1, max_draft + 2))
     print(f"{args.config}: pass times {', '.join(f'{r}: {t:.1f} ms' for r, t in config['pass_ms'].items())}; "

@@ -122,3 +122,13 @@ def test_draft_replay_reads_a_compare_report(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("default: pass times 1: ") and "ceiling" in lines[0]
     assert lines[1].startswith("policy: copy ") and lines[2].startswith("perfect draft lengths: copy ")
+    # another workload: the model's greedy answers to it, made by the script; another corpus file
+    from fastmode.engine.corpus import DraftCorpus
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"category": "echo", "max_tokens": 12, "messages": [
+        {"role": "user", "content": "Say: red green blue red green blue"}]}))
+    DraftCorpus.from_answers([[5, 6, 7, 8], [5, 6, 9]]).save(tmp_path / "c.safetensors", vocab_size=259)
+    assert replay_mod.main([str(tmp_path / "out" / "compare.json"), "--workload", str(other),
+                            "--corpus", str(tmp_path / "c.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("policy: echo ") and lines[2].startswith("perfect draft lengths: echo ")

@@ -103,6 +103,7 @@ def answers(tiny):
 def test_fast_lane_drafts_from_the_corpus_and_keeps_outputs_identical(tiny, answers):
     prompts, outs = answers
     corpus = DraftCorpus.from_answers(outs)
+    corpus.index()  # built before the engines start: drafting from it is deterministic
     for asked, seen in ((prompts[:8], True), (random_prompts(8, seed=11), False)):
         engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus)
         assert engine.corpus is corpus  # on by default
@@ -118,6 +119,7 @@ def test_sampled_requests_learn_corpus_rates_of_their_own(tiny, answers):
     from fastmode.engine.request import SamplingParams
     prompts, outs = answers
     corpus = DraftCorpus.from_answers(outs)
+    corpus.index()
     engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus)
     done = []
     engine.add("s", prompts[0], SamplingParams(max_tokens=40, temperature=1.0, seed=1), Lane.FAST,
@@ -137,8 +139,30 @@ def test_the_corpus_switches_off(tiny, answers):
     run(engine, prompts[:4], Lane.FAST)
     assert engine.corpus is None and engine.stats["corpus_drafted"] == 0
     assert not corpus.indexed  # an engine that does not draft from it never builds its index
-    engine.use_draft_corpus(True)
-    assert corpus.indexed  # built when switched on, before any request needs it
+    engine.use_draft_corpus(True)  # starts building the index on a thread of its own
+    corpus.index()  # waits for that build
+    assert corpus.indexed
+    run(engine, prompts[:4], Lane.FAST)
+    assert engine.stats["corpus_drafted"] > 0
+
+
+def test_the_engine_does_not_wait_for_the_corpus_index(tiny, answers):
+    """Until the index is built (on its own thread), fast requests run without corpus drafts."""
+    import threading
+    prompts, outs = answers
+    release = threading.Event()
+
+    class SlowCorpus(DraftCorpus):
+        def _build(self) -> None:
+            assert release.wait(30)
+            super()._build()
+
+    corpus = SlowCorpus(DraftCorpus.from_answers(outs).tokens)
+    engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus)
+    assert run(engine, prompts[:4], Lane.FAST) == run(engine, prompts[:4], Lane.STANDARD)
+    assert not corpus.indexed and engine.stats["corpus_drafted"] == 0
+    release.set()
+    corpus.index()
     run(engine, prompts[:4], Lane.FAST)
     assert engine.stats["corpus_drafted"] > 0
 
@@ -176,3 +200,4 @@ def test_default_model_ships_a_corpus_of_its_answers():
     ids = loaded.tokenizer.encode(" Here is a simple example")
     tokens, match, _ = corpus.propose(ids, 4)
     assert match >= 3 and tokens, (tokens, match)
+

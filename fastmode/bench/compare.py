@@ -89,6 +89,8 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
     torch.set_num_threads(threads or torch.get_num_threads())
 
     default_head, default_corpus = engine.drafter is not None, engine.corpus is not None
+    if loaded.draft_corpus is not None:
+        loaded.draft_corpus.index()  # measured with its index built (the engine builds it in the background)
 
     def lane(which: Lane, head: bool | None = None, corpus: bool | None = None) -> Generate:
         """`head`, `corpus`: draft with the model's draft head / corpus or not, for this

@@ -115,10 +115,11 @@ class Engine:
         self._wake.set()
 
     def use_draft_corpus(self, on: bool) -> None:
-        """From the next pass on, draft from the model's corpus (if it has one) or not."""
+        """From the next pass on, draft from the model's corpus (if it has one) or not; its
+        index is built on a thread of its own, and drafts come from it once it is ready."""
         self.corpus = self._corpus if on else None
         if self.corpus is not None:
-            self.corpus.index()
+            self.corpus.index(background=True)
 
     def use_draft_head(self, on: bool) -> None:
         """From the next pass on, draft with the model's head (if it has one) or not (no head,
@@ -262,7 +263,7 @@ class Engine:
             lookup = self.lookups[rid]
             looked = lookup.propose(self.config.max_draft)
             sources, proposals = ["lookup"], [(self.policy, lookup.last_match, looked)]
-            if self.corpus is not None:
+            if self.corpus is not None and self.corpus.indexed:
                 kind, found = self.corpus.proposal(lookup.ids, self.config.max_draft, r.params.greedy)
                 sources.append("corpus")
                 proposals.append((self.corpus_policy, kind, found))
