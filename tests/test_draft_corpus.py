@@ -200,4 +200,3 @@ def test_default_model_ships_a_corpus_of_its_answers():
     ids = loaded.tokenizer.encode(" Here is a simple example")
     tokens, match, _ = corpus.propose(ids, 4)
     assert match >= 3 and tokens, (tokens, match)
-

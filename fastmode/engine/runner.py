@@ -59,11 +59,10 @@ class ThreadChooser:
 
     def pick(self, rows: int) -> int:
         n = self.passes[rows] = self.passes.get(rows, 0) + 1
-        known = {t: self.seconds[(t, rows)] for t in self.options if (t, rows) in self.seconds}
-        untried = [t for t in self.options if t not in known]
+        untried = [t for t in self.options if (t, rows) not in self.seconds]
         if untried:
             return untried[0]
-        best = min(known, key=known.__getitem__)
+        best = self.pick_best(rows)
         if n % self.explore_every == 0:  # try the next count after the best, in turn
             others = [t for t in self.options if t != best]
             return others[(n // self.explore_every) % len(others)]
