@@ -227,3 +227,62 @@ def test_drafts_are_priced_by_the_line_fitted_to_decode_passes(make_engine):
     assert engine.runner.cost.known  # decode passes were timed
     times = [engine.runner.step_time(r) for r in range(1, engine.runner.cost.max_rows + 1)]
     assert times == sorted(times) and times[0] > 0
+
+
+def test_request_tokens_slices_prompt_and_output():
+    from fastmode.engine.request import Request
+    r = Request("r", [1, 2, 3, 4], SamplingParams(max_tokens=8), Lane.FAST, lambda d: None, 100)
+    r.output_ids.extend([5, 6, 7])
+    for start in range(8):
+        for end in range(start, 9):
+            assert r.tokens(start, end) == r.token_ids[start:end]
+
+
+def test_runner_slot_tables_follow_each_request_and_are_dropped_when_it_ends(make_engine):
+    engine = make_engine()
+    bs = engine.blocks.block_size
+    seen = {}
+    real = engine.runner.build
+
+    def build(plan):  # every pass's slots must be where the block manager puts each position
+        for item in plan:
+            r = item.request
+            held = engine.runner.slots_of(r)
+            assert held.tolist() == [engine.blocks.slot(r.block_ids, p) for p in range(len(r.block_ids) * bs)]
+            seen[r.request_id] = list(r.block_ids)
+        return real(plan)
+
+    engine.runner.build = build
+    ps = prompts(3, seed=5)
+    first, _ = run(engine, ps, Lane.FAST, max_tokens=30)
+    assert len(seen) == 3 and not engine.runner._slots  # all finished: nothing kept
+    ids, blocks_before = list(seen), dict(seen)
+    # the same request ids again, after other requests moved the free blocks around
+    engine.add("other", ps[0], SamplingParams(max_tokens=200), Lane.STANDARD, lambda d: None)
+    engine.step()
+    again = {}
+    for rid, p in zip(ids, ps):
+        engine.add(rid, p, SamplingParams(max_tokens=30), Lane.FAST, lambda d, rid=rid: again.setdefault(rid, []).extend(d.token_ids))
+    for _ in range(500):
+        engine.step()
+        if all(rid not in engine.requests for rid in ids):
+            break
+    assert [again[rid] for rid in ids] == first
+    assert any(seen[rid] != blocks_before[rid] for rid in ids)  # new blocks, new slot tables
+    engine.abort("other")
+    engine.step()
+    assert not engine.runner._slots
+
+
+def test_a_pass_beyond_a_requests_blocks_is_refused(make_engine):
+    engine = make_engine()
+    engine.add("r", prompts(1)[0], SamplingParams(max_tokens=4), Lane.STANDARD, lambda d: None)
+    engine.step()
+    r = engine.requests["r"]
+    too_many = len(r.block_ids) * engine.blocks.block_size - r.num_computed_tokens
+    try:
+        engine.runner.build([Scheduled(r, 1, [0] * too_many)])
+    except ValueError as e:
+        assert "cache slots" in str(e)
+    else:
+        raise AssertionError("a pass past the request's blocks was built")

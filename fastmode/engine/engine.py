@@ -349,6 +349,7 @@ class Engine:
         if self.drafter is not None:
             self.drafter.forget(r.request_id)
         self.prefix.forget(r.request_id)
+        self.runner.forget(r.request_id)
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
         self.corpus_policy.forget(r.request_id)

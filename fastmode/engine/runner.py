@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from fastmode import kernels
 from fastmode.engine.block_manager import BlockManager
+from fastmode.engine.request import Request
 from fastmode.engine.scheduler import Scheduled
 from fastmode.model.batch import DecodeRows, ForwardBatch, Segment
 from fastmode.model.kv_cache import KVCache
@@ -137,6 +138,7 @@ class Runner:
         self.pad_to = self._cheapest_padding(mats) if invariant else {}
         self.step_seconds: dict[int, float] = {}  # padded rows -> running average of pass time
         self.cost = PassCost()  # decode passes of up to 16 rows (where drafts are priced)
+        self._slots: dict[str, tuple[list[int], torch.Tensor]] = {}  # request -> (its blocks, slots_of)
 
     def _cheapest_padding(self, mats: list[torch.Tensor]) -> dict[int, int]:
         """For small row counts, the invariant size at or above it whose pass is fastest
@@ -180,26 +182,44 @@ class Runner:
         base = self.step_seconds[below[-1] if below else known[0]]
         return base * (1.0 + 0.01 * (p - (below[-1] if below else known[0])))
 
+    def slots_of(self, r: Request) -> torch.Tensor:
+        """The cache slots of every position a request may hold ([its blocks x block size],
+        int64): its blocks are fixed from admission on, so this is made once per request."""
+        held = self._slots.get(r.request_id)
+        if held is not None and held[0] is r.block_ids:
+            return held[1]
+        bs = self.blocks.block_size
+        table = torch.tensor(r.block_ids, dtype=torch.long)
+        slots = (table[:, None] * bs + torch.arange(bs)).view(-1)
+        self._slots[r.request_id] = (r.block_ids, slots)
+        return slots
+
+    def forget(self, request_id: str) -> None:
+        """Drop what was kept for a finished request."""
+        self._slots.pop(request_id, None)
+
     def build(self, plan: list[Scheduled]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
         """Return the batch and, per plan item, its (first, count) range in the logits."""
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        slots: list[torch.Tensor] = []
         segments: list[Segment] = []
         logit_rows: list[int] = []
         ranges: list[tuple[int, int]] = []
-        bs = self.blocks.block_size
         for item in plan:
             r = item.request
             start = r.num_computed_tokens
-            tokens = r.token_ids[start:start + item.num_tokens] + item.drafts
+            tokens = r.tokens(start, start + item.num_tokens) + item.drafts
             n = len(tokens)
             row0 = len(ids)
             ids += tokens
             pos += range(start, start + n)
-            slots += [self.blocks.slot(r.block_ids, p) for p in range(start, start + n)]
-            table = torch.tensor(r.block_ids[: -(-(start + n) // bs)], dtype=torch.long)
-            kv_slots = (table[:, None] * bs + torch.arange(bs)).view(-1)[: start + n]
+            held = self.slots_of(r)
+            if start + n > len(held):
+                raise ValueError(f"request {r.request_id}: position {start + n - 1} is beyond its "
+                                 f"{len(held)} cache slots")
+            slots.append(held[start:start + n])
+            kv_slots = held[:start + n]
             prefill = r.in_prefill
             mask = None
             if prefill:
@@ -224,7 +244,7 @@ class Runner:
         batch = ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long),
             positions=torch.tensor(pos, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            slot_mapping=slots[0] if len(slots) == 1 else torch.cat(slots),
             num_real=real,
             segments=segments,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
@@ -292,6 +312,7 @@ def _decode_rows(segments: list[Segment], total: int) -> DecodeRows:
         lengths += range(seg.start_pos + 1, seg.start_pos + seg.num_rows + 1)
         at += len(seg.kv_slots)
     pad = total - len(offsets)
-    return DecodeRows(torch.cat([seg.kv_slots for seg in segments]),
+    slots = segments[0].kv_slots if len(segments) == 1 else torch.cat([seg.kv_slots for seg in segments])
+    return DecodeRows(slots,
                       torch.tensor(offsets + [0] * pad, dtype=torch.long),
                       torch.tensor(lengths + [1] * pad, dtype=torch.long))

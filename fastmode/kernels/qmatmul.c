@@ -36,6 +36,13 @@
 #endif
 
 #define QK 32
+/* The weights stream through once per pass and are not read again before the next pass (97 MB
+ * for the default model, more than the L3 cache): prefetch them non-temporally, so that they
+ * displace less of what is reused (the KV cache, activations, and the interpreter's own data
+ * between passes). Measured on Zen 5: 3.5-4% more tokens per second in both lanes, same bits. */
+#ifndef FM_PREFETCH_HINT
+#define FM_PREFETCH_HINT _MM_HINT_NTA
+#endif
 #define PARALLEL_MIN_BLOCKS 8192   /* weight-block dot products below which a matmul stays serial */
 #define PARALLEL_MIN_ATTN 131072   /* multiply-adds below which attention stays serial */
 #define PREFETCH_BYTES 2048        /* how far ahead of use the weight stream is prefetched (R8, per row) */
@@ -514,10 +521,10 @@ static inline __attribute__((always_inline)) void r8_tile(int type, const uint8_
         for (int64_t b = 0; b < nb; b++, wb += bbytes) {
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)wb));
             /* the weights stream from memory once per pass: ask for them ahead of use */
-            _mm_prefetch((const char *)(wb + PREFETCH_BYTES), _MM_HINT_T0);
-            _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 64), _MM_HINT_T0);
-            _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 128), _MM_HINT_T0);
-            if (type == FM_Q8_0) _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 192), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + PREFETCH_BYTES), FM_PREFETCH_HINT);
+            _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 64), FM_PREFETCH_HINT);
+            _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 128), FM_PREFETCH_HINT);
+            if (type == FM_Q8_0) _mm_prefetch((const char *)(wb + PREFETCH_BYTES + 192), FM_PREFETCH_HINT);
             if (type == FM_Q4_1) {
                 const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wb + 16)));
                 __m256i vl[4], vh[4];
@@ -599,7 +606,7 @@ static inline __attribute__((always_inline)) void r16_tile(int type, const uint8
     for (int64_t b = 0; b < nb; b++, wb += bbytes) {
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)wb));
         /* the weights stream from memory once per pass: ask for them ahead of use */
-        for (int64_t line = 0; line < bbytes; line += 64) _mm_prefetch((const char *)(wb + PREFETCH_BYTES_R16 + line), _MM_HINT_T0);
+        for (int64_t line = 0; line < bbytes; line += 64) _mm_prefetch((const char *)(wb + PREFETCH_BYTES_R16 + line), FM_PREFETCH_HINT);
         if (type == FM_Q4_1) {
             const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wb + 32)));
             const __m512i lo = _mm512_set1_epi8(0x0F);
