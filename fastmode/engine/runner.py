@@ -249,6 +249,7 @@ class Runner:
             segments=segments,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
             decode=_decode_rows(segments, total) if self.model.native else None,
+            every_row=n_logits == total and logit_rows == list(range(total)),
         )
         return batch.to(self.device), ranges
 

@@ -50,6 +50,7 @@ class ForwardBatch:
     segments: list[Segment]
     logit_rows: torch.Tensor  # [R] int64, rows whose logits are returned (may repeat for padding)
     decode: DecodeRows | None = None  # set for models on the native kernels (every pass)
+    every_row: bool = False  # logit_rows is every row, in order (the logits need no gather)
 
     def to(self, device: torch.device) -> ForwardBatch:
         """This batch with its tensors on `device` (itself when they are there already)."""
@@ -57,4 +58,5 @@ class ForwardBatch:
             return self
         return ForwardBatch(self.input_ids.to(device), self.positions.to(device), self.slot_mapping.to(device),
                             self.num_real, [seg.to(device) for seg in self.segments], self.logit_rows.to(device),
-                            None if self.decode is None else DecodeRows(*(t.to(device) for t in self.decode.tensors)))
+                            None if self.decode is None else DecodeRows(*(t.to(device) for t in self.decode.tensors)),
+                            self.every_row)

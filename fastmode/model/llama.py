@@ -187,6 +187,8 @@ class Llama(nn.Module):
         self.native = False  # every block runs on the native kernels (see `use_native`)
         self._table: torch.Tensor | None = None  # the blocks' weights for kernels.blocks
         self._dims: torch.Tensor | None = None
+        self._num_slots = -1  # the cache slots _dims holds
+        self._eps, self._scale = arch.rms_norm_eps, 0.0  # the blocks' norm eps and attention scale (use_native)
 
     def use_native(self) -> bool:
         """Run blocks on the native kernels if every block projection is a bias-free QLinear;
@@ -206,6 +208,8 @@ class Llama(nn.Module):
             a = self.arch
             self._dims = torch.tensor([a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
                                        a.max_position, 0], dtype=torch.int64)
+            self._num_slots = -1
+            self._eps, self._scale = self.blocks[0].attn_norm.eps, self.blocks[0].attn.scale
         return self.native
 
     def place(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -234,18 +238,17 @@ class Llama(nn.Module):
         """Run the batch; return logits for `batch.logit_rows`: [len(logit_rows), vocab]. With
         `taps` (block indices, ascending), also the residual stream after each of those blocks
         at the logit rows: (logits, [len(logit_rows), len(taps), hidden])."""
-        x = self.embed(batch.input_ids)  # [T, hidden]
+        x = torch.index_select(self.embed.weight, 0, batch.input_ids)  # [T, hidden]
         lib = kernels.load() if self.native else None
         tapped: list[torch.Tensor] = []
         if lib is not None and batch.decode is not None and self._table is not None and self._dims is not None:
             # every block of the pass in one native call (one per tap)
-            x = x.contiguous()
-            self._dims[6] = cache.k.shape[1]
-            norm = self.blocks[0].attn_norm
+            if self._num_slots != cache.k.shape[1]:
+                self._num_slots = self._dims[6] = cache.k.shape[1]
             start = 0
             for end in dict.fromkeys([*(t + 1 for t in taps), len(self.blocks)]):
                 if end > start:
-                    kernels.blocks(lib, self._table[start:end], self._dims, norm.eps, self.blocks[0].attn.scale, x,
+                    kernels.blocks(lib, self._table[start:end], self._dims, self._eps, self._scale, x,
                                    self.rope.cos, self.rope.signed_sin, batch.positions, batch.slot_mapping,
                                    batch.num_real, cache.k[start:end], cache.v[start:end], *batch.decode.tensors)
                 if end - 1 in taps:
@@ -258,7 +261,7 @@ class Llama(nn.Module):
                 if i in taps:
                     tapped.append(x[batch.logit_rows])
         if isinstance(self.lm_head, QLinear):  # the final norm fused into the head, on the native kernel
-            logits = self.lm_head.run(x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm)
+            logits = self.lm_head.run(x if batch.every_row else x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm)
         else:
             logits = self.lm_head(self.norm(x[batch.logit_rows]))
         return (logits, torch.stack(tapped, dim=1)) if taps else logits
