@@ -94,6 +94,7 @@ class PassCost:
     def __init__(self, max_rows: int = 16, decay: float = 0.99, prior_slope: float = 0.05) -> None:
         self.max_rows, self.decay, self.prior_slope = max_rows, decay, prior_slope
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self._line: tuple[float, float] | None = None  # the fit, until the next observation
 
     def observe(self, rows: int, seconds: float) -> None:
         if rows > self.max_rows:
@@ -101,6 +102,7 @@ class PassCost:
         d = self.decay
         self.w, self.sx, self.sy = d * self.w + 1.0, d * self.sx + rows, d * self.sy + seconds
         self.sxx, self.sxy = d * self.sxx + rows * rows, d * self.sxy + rows * seconds
+        self._line = None
 
     @property
     def known(self) -> bool:
@@ -108,10 +110,12 @@ class PassCost:
 
     def line(self) -> tuple[float, float]:
         """(a, b): seconds = a + b * rows."""
-        mx, my = self.sx / self.w, self.sy / self.w
-        var, cov = self.sxx / self.w - mx * mx, self.sxy / self.w - mx * my
-        slope = max((self.w * cov + self.prior_slope * my) / (self.w * max(var, 0.0) + 1.0), 0.0)
-        return my - slope * mx, slope
+        if self._line is None:
+            mx, my = self.sx / self.w, self.sy / self.w
+            var, cov = self.sxx / self.w - mx * mx, self.sxy / self.w - mx * my
+            slope = max((self.w * cov + self.prior_slope * my) / (self.w * max(var, 0.0) + 1.0), 0.0)
+            self._line = (my - slope * mx, slope)
+        return self._line
 
     def __call__(self, rows: int) -> float:
         a, b = self.line()
