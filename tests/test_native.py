@@ -461,6 +461,55 @@ def test_argmax_rows_is_torch_argmax(lib):
     assert greedy_tokens(x.double()) == x.argmax(-1).tolist()  # not float32: torch's own
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("n", [64, 200, 100])
+def test_matmul_with_argmax_gives_argmax_rows_answer_from_any_thread_count(lib, kind, n):
+    """The head's fused greedy choice: each thread scans the columns it computed, thread 0 joins
+    the spans; the answer is the scan's over the whole row (ties across spans, NaN rows)."""
+    w = np.random.default_rng(3).standard_normal((n, 576)).astype(np.float32)
+    w[40] = w[10] = 4 * w[10]  # the same largest output in two threads' spans: the first wins
+    raw = np.frombuffer(quantize(w, kind), dtype=np.uint8)
+    wtype, packed = TYPE_IDS[kind], kernels.pack(TYPE_IDS[kind], torch.from_numpy(raw.reshape(n, -1).copy()))
+    x = torch.randn(9, 576)
+    x[0] = torch.from_numpy(w[10])
+    x[5] = float("nan")
+    norm = torch.rand(576) + 0.5
+    before = getattr(kernels._local, "threads", 0)
+    try:
+        for t in (1, 2, 3):
+            kernels.set_threads(t)
+            for m in (1, 2, 3, 8, 9):
+                for pro, nw in ((kernels.PRO_NONE, None), (kernels.PRO_RMSNORM, norm)):
+                    plain = kernels.matmul(lib, wtype, packed, n, 576, x[:m], pro, nw, 1e-5)
+                    got = torch.full((m,), -7, dtype=torch.int64)
+                    y = kernels.matmul(lib, wtype, packed, n, 576, x[:m], pro, nw, 1e-5, argmax=got)
+                    torch.testing.assert_close(y, plain, rtol=0, atol=0, equal_nan=True)  # the same bits
+                    assert got.tolist() == kernels.argmax_rows(lib, y) == y.argmax(-1).tolist(), (t, m)
+            assert kernels.argmax_rows(lib, y)[0] == 10
+    finally:
+        kernels.set_threads(before)
+    with pytest.raises(kernels.KernelError):
+        kernels.matmul(lib, wtype, packed, n, 576, x[:2], out=torch.zeros(2, n), argmax=torch.zeros(2, dtype=torch.int64))
+
+
+def test_native_passes_hand_the_greedy_choice_over_with_the_logits(make_q4_engine):
+    """The engine takes each row's argmax from the head's kernel call: it must be the scan's."""
+    from fastmode.engine.sampler import greedy_tokens
+    engine = make_q4_engine()
+    seen = []
+    run = engine.runner.run
+
+    def checked(plan, taps=()):
+        logits, ranges, features = run(plan, taps)
+        assert engine.runner.greedy is not None and engine.runner.greedy == greedy_tokens(logits)
+        seen.append(len(engine.runner.greedy))
+        return logits, ranges, features
+
+    engine.runner.run = checked
+    test_engine.run(engine, test_engine.prompts(3, seed=2), test_engine.Lane.FAST)
+    assert seen and max(seen) > 1  # passes with drafts among them
+
+
 def test_a_decode_pass_leaves_torch_and_kernel_thread_counts_as_they_were(make_q4_engine, monkeypatch):
     """During a native pass (prompt or decode) torch runs on one thread and the kernels on the
     pass's chosen count (their own pool does the work); afterwards the calling thread has its

@@ -236,12 +236,14 @@ class Engine:
             self._propose(plan)
         taps = self.sink[0] if self.sink is not None else self.head_taps if speculate else ()
         logits, ranges, features = self.runner.run(plan, taps)
+        greedy = self.runner.greedy
         for item, (first, count) in zip(plan, ranges):
             if self.sink is not None and features is not None and count:
                 self.sink[1](item.request.request_id, features[first:first + count])
             try:
                 self._update(item, logits[first:first + count],
-                             None if features is None or self.drafter is None else features[first:first + count])
+                             None if features is None or self.drafter is None else features[first:first + count],
+                             None if greedy is None else greedy[first:first + count])
             except Exception:  # e.g. a sampling error: only this request fails
                 log.exception("request %s failed", item.request.request_id)
                 self._finish(item.request, Status.FINISHED_ERROR, [])
@@ -282,7 +284,10 @@ class Engine:
                     item.drafts, item.draft_source = drafts, "head"
                     self.proposals[item.request.request_id].append((None, drafts))
 
-    def _update(self, item: Scheduled, logits: torch.Tensor, features: torch.Tensor | None = None) -> None:
+    def _update(self, item: Scheduled, logits: torch.Tensor, features: torch.Tensor | None = None,
+                greedy: list[int] | None = None) -> None:
+        """Take a pass's result for one plan item: `logits` its rows, `features` their tapped
+        states (for the draft head), `greedy` their argmax where the pass computed it."""
         r = item.request
         if r.status.finished:
             return
@@ -297,13 +302,13 @@ class Engine:
         gen = self.generators.get(r.request_id)
         accepted = 0
         if item.drafts:
-            new = verify(logits, item.drafts, r.params, gen)
+            new = verify(logits, item.drafts, r.params, gen, greedy if r.params.greedy else None)
             accepted = len(new) - 1
             self.stats["drafted"] += len(item.drafts)
             self.stats["accepted"] += accepted
             r.num_computed_tokens += accepted
         elif r.params.greedy:
-            new = greedy_tokens(logits[-1:])
+            new = greedy[-1:] if greedy else greedy_tokens(logits[-1:])
         else:
             new = [int(torch.multinomial(probabilities(logits[-1:], r.params)[0], 1, generator=gen))]
         if features is not None and self.drafter is not None:  # the head starts at the last token kept

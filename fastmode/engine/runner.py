@@ -143,6 +143,9 @@ class Runner:
         self.step_seconds: dict[int, float] = {}  # padded rows -> running average of pass time
         self.cost = PassCost()  # decode passes of up to 16 rows (where drafts are priced)
         self._slots: dict[str, tuple[list[int], torch.Tensor]] = {}  # request -> (its blocks, slots_of)
+        # each logit row's argmax from the last pass, where the head computed it as it went (the
+        # native kernels: the greedy choice without another scan of the logits); else None
+        self.greedy: list[int] | None = None
 
     def _cheapest_padding(self, mats: list[torch.Tensor]) -> dict[int, int]:
         """For small row counts, the invariant size at or above it whose pass is fastest
@@ -277,9 +280,11 @@ class Runner:
             torch.set_num_threads(threads)
         if quiet:
             torch.set_num_threads(1)
+        argmax = torch.empty(len(batch.logit_rows), dtype=torch.long) if self.model.fuses_argmax else None
+        self.greedy = None
         t0 = time.perf_counter()
         try:
-            out = self.model(batch, self.cache, taps)
+            out = self.model(batch, self.cache, taps, argmax)
             logits, features = out if taps else (out, None)
             # float32 on the CPU for sampling: on a GPU this copy is the pass's one host sync
             logits = logits.float().cpu()
@@ -290,6 +295,8 @@ class Runner:
             if self.model.native:
                 kernels.set_threads(0)
         dt = time.perf_counter() - t0
+        if argmax is not None:
+            self.greedy = argmax.tolist()
         if decode:  # the draft policy prices decode passes, at the thread count in use
             if self.threads is None or threads == self.threads.pick_best(rows):
                 self.cost.observe(rows, dt)

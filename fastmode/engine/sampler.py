@@ -34,7 +34,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
-           generator: torch.Generator | None) -> list[int]:
+           generator: torch.Generator | None, targets: list[int] | None = None) -> list[int]:
     """Accept a prefix of `drafts` and append one token of the target model's own.
 
     logits: [len(drafts) + 1, vocab]; row i is the target's distribution for the token after
@@ -42,9 +42,11 @@ def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams,
     are a point mass q = 1 at the draft token): accept draft d with probability p(d); on
     rejection sample from the residual max(p - q, 0), i.e. p with d removed, renormalized.
     Either way the output has exactly the target's distribution (Leviathan et al. 2023).
+    `targets`: each row's argmax where the pass computed it already (greedy only).
     """
     if params.greedy:
-        targets = greedy_tokens(logits)
+        if targets is None:
+            targets = greedy_tokens(logits)
         out = []
         for i, d in enumerate(drafts):
             if d != targets[i]:

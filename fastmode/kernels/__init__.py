@@ -152,7 +152,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fm_linear.restype = lib.fm_rope_store.restype = lib.fm_attn_rows.restype = ctypes.c_int
     lib.fm_linear.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int, ctypes.c_int, ptr,
-                              ctypes.c_float, ctypes.c_int]
+                              ctypes.c_float, ctypes.c_int, ptr]
     lib.fm_rope_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, i64]
     lib.fm_attn_rows.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr,
                                  ctypes.c_int]
@@ -208,12 +208,14 @@ def pack(wtype: int, blocks: torch.Tensor, lib: ctypes.CDLL | None = None) -> to
 
 def matmul(lib: ctypes.CDLL, wtype: int, weight: torch.Tensor, n: int, k: int, x: torch.Tensor,
            prologue: int = PRO_NONE, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, k] float32 @ W^T -> [M, n], W an [n, k] matrix's blocks in `pack`'s layout (uint8).
 
     `prologue` PRO_RMSNORM applies an RMS norm (`norm_weight`, `eps`) to each x row first;
     PRO_SWIGLU takes x [M, 2k] = [gate | up] and uses silu(gate) * up. With `out` (contiguous
-    [M, n] float32) the product is added into it (a residual connection) and `out` returned."""
+    [M, n] float32) the product is added into it (a residual connection) and `out` returned.
+    With `argmax` (contiguous int64 [M], not with `out`), each result row's argmax is written
+    into it as `argmax_rows` gives it, by the threads that computed the row's columns."""
     x = x.contiguous()
     m = x.shape[0]
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != (2 * k if prologue == PRO_SWIGLU else k):
@@ -225,9 +227,13 @@ def matmul(lib: ctypes.CDLL, wtype: int, weight: torch.Tensor, n: int, k: int, x
         raise KernelError(f"matmul: the RMS-norm prologue needs a contiguous weight of {k} values")
     if out is not None and (out.shape != (m, n) or out.dtype != torch.float32 or not out.is_contiguous()):
         raise KernelError(f"matmul: out must be contiguous float32 [{m}, {n}]")
+    if argmax is not None and (out is not None or argmax.shape != (m,) or argmax.dtype != torch.int64
+                               or not argmax.is_contiguous()):
+        raise KernelError(f"matmul: argmax must be contiguous int64 [{m}], and not with out")
     y = torch.empty(m, n, dtype=torch.float32) if out is None else out
     rc = lib.fm_linear(wtype, weight.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), threads(),
-                       prologue, None if norm_weight is None else norm_weight.data_ptr(), eps, out is not None)
+                       prologue, None if norm_weight is None else norm_weight.data_ptr(), eps, out is not None,
+                       None if argmax is None else argmax.data_ptr())
     if rc != 0:
         raise KernelError(f"fm_linear failed ({rc}) for type {wtype}, [{m}, {k}] x [{n}, {k}]")
     return y

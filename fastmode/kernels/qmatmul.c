@@ -750,6 +750,16 @@ static int uses_xw(int64_t N) {
  * from the caller: xbuf (xbuf_bytes(M, K / QK)); xw (M * nb * XW_BLOCK bytes) where uses_xw(N); scratch
  * (M * N floats) with accumulate; tmp (tmp_stride >= K floats per thread) with a prologue. Ends
  * at a barrier: y is complete for every thread when it returns. */
+#define LINEAR_TILE 16 /* output columns per tile of linear_team (its threads' shares are whole tiles) */
+
+/* The output columns [*c0, *c1) thread tid of nth computes in linear_team. */
+static inline void column_span(int64_t N, int tid, int nth, int64_t *c0, int64_t *c1) {
+    int64_t lo, hi;
+    share((N + LINEAR_TILE - 1) / LINEAR_TILE, tid, nth, &lo, &hi);
+    *c0 = lo * LINEAR_TILE < N ? lo * LINEAR_TILE : N;
+    *c1 = hi * LINEAR_TILE < N ? hi * LINEAR_TILE : N;
+}
+
 static void linear_team(int tid, int nth, int type, const uint8_t *w, int64_t N, int64_t K, const float *x,
                         int64_t M, float *y, int prologue, const float *pw, float eps, int accumulate,
                         uint8_t *xbuf, int8_t *xw, float *scratch, float *tmp, int64_t tmp_stride) {
@@ -779,7 +789,7 @@ static void linear_team(int tid, int nth, int type, const uint8_t *w, int64_t N,
     }
     team_barrier(nth);
     /* tiles of output columns: a tile's weight rows stay in cache while every x row passes */
-    const int64_t tile = 16;
+    const int64_t tile = LINEAR_TILE;
     const int64_t ntiles = (N + tile - 1) / tile;
     float *dst = accumulate ? scratch : y; /* with accumulate: dot products, then added to y row by row */
     share(ntiles, tid, nth, &lo, &hi);
@@ -837,19 +847,46 @@ typedef struct {
     int8_t *xw;
     float *scratch, *tmp;
     int64_t tmp_stride;
+    int64_t *argmax; /* with it: each row's argmax over y's columns (the fused greedy choice) */
+    int64_t *part;   /* [team][M]: each thread's argmax over its own columns (-1: it has none) */
 } linear_job;
+
+static int64_t argmax_span(const float *row, int64_t n);
 
 static void run_linear(void *ctx, int tid, int nth) {
     const linear_job *j = (const linear_job *)ctx;
     linear_team(tid, nth, j->type, j->w, j->N, j->K, j->x, j->M, j->y, j->prologue, j->pw, j->eps, j->accumulate,
                 j->xbuf, j->xw, j->scratch, j->tmp, j->tmp_stride);
+    if (!j->argmax || j->M == 0) return;
+    /* each thread scans the columns it wrote (still in its own caches), then thread 0 joins the
+     * spans in column order: a NaN in an earlier span, else a strictly larger value, wins, so
+     * the answer is fm_argmax_rows' (torch.argmax's) for the whole row */
+    int64_t c0, c1;
+    column_span(j->N, tid, nth, &c0, &c1);
+    for (int64_t m = 0; m < j->M; m++)
+        j->part[tid * j->M + m] = c1 > c0 ? c0 + argmax_span(j->y + m * j->N + c0, c1 - c0) : -1;
+    team_barrier(nth);
+    if (tid != 0) return;
+    for (int64_t m = 0; m < j->M; m++) {
+        const float *row = j->y + m * j->N;
+        int64_t at = -1;
+        for (int t = 0; t < nth; t++) {
+            const int64_t i = j->part[t * j->M + m];
+            if (i < 0) continue;
+            if (row[i] != row[i]) { at = i; break; } /* the first NaN of the row */
+            if (at < 0 || row[i] > row[at]) at = i;
+        }
+        j->argmax[m] = at < 0 ? 0 : at;
+    }
 }
 
-/* y[M, N] (=, or += with accumulate) (prologue(x))[M, K] @ W^T, W [N, K] in `type` blocks.
+/* y[M, N] (=, or += with accumulate) (prologue(x))[M, K] @ W^T, W [N, K] in `type` blocks;
+ * with `argmax` (not with accumulate), also argmax[m] = fm_argmax_rows' answer for row m of y.
  * Returns 0, -1 for a bad type or shape, -2 when out of memory. */
 int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
-              int nthreads, int prologue, const float *pw, float eps, int accumulate) {
-    if (K % QK != 0 || (type != FM_Q4_1 && type != FM_Q8_0) || prologue < PRO_NONE || prologue > PRO_SWIGLU)
+              int nthreads, int prologue, const float *pw, float eps, int accumulate, int64_t *argmax) {
+    if (K % QK != 0 || (type != FM_Q4_1 && type != FM_Q8_0) || prologue < PRO_NONE || prologue > PRO_SWIGLU
+        || (argmax && (accumulate || N < 1)))
         return -1;
     const int64_t nb = K / QK;
     if (nthreads < 1) nthreads = 1;
@@ -860,13 +897,15 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     int8_t *xw = uses_xw(N) ? (int8_t *)malloc((size_t)(M * nb) * XW_BLOCK) : NULL;
     float *scratch = accumulate ? (float *)malloc((size_t)(M * N) * sizeof(float)) : NULL;
     float *tmp = prologue != PRO_NONE ? (float *)malloc((size_t)(team * K) * sizeof(float)) : NULL;
+    int64_t *part = argmax && M > 0 ? (int64_t *)malloc((size_t)(team * M) * sizeof(int64_t)) : NULL;
     int rc = 0;
-    if (!xbuf || (uses_xw(N) && !xw) || (accumulate && !scratch) || (prologue != PRO_NONE && !tmp)) {
+    if (!xbuf || (uses_xw(N) && !xw) || (accumulate && !scratch) || (prologue != PRO_NONE && !tmp) || (argmax && M > 0 && !part)) {
         rc = -2;
     } else {
-        linear_job job = {type, w, N, K, x, M, y, prologue, pw, eps, accumulate, xbuf, xw, scratch, tmp, K};
+        linear_job job = {type, w, N, K, x, M, y, prologue, pw, eps, accumulate, xbuf, xw, scratch, tmp, K, argmax, part};
         run_team(run_linear, &job, team);
     }
+    free(part);
     free(tmp);
     free(scratch);
     free(xw);
@@ -1245,45 +1284,47 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
     return rc;
 }
 
-/* out[r] = the index of the largest of x[r, 0..n) (rows `stride` floats apart), the first one
- * where several are equal, or of the first NaN if a row has one: torch.argmax's answer, in one
- * vector pass per row (per lane its largest value and where it first was). Serial: the greedy
+/* The index of the largest of row[0..n), the first one where several are equal, or of the
+ * first NaN if there is one: torch.argmax's answer, in one vector pass (per lane its largest
+ * value and where it first was). */
+static int64_t argmax_span(const float *row, int64_t n) {
+    float best = -INFINITY;
+    int64_t at = -1, j = 0;
+    int nan = 0;
+#ifdef FM_AVX2
+    if (n >= 8) {
+        __m256 m = _mm256_loadu_ps(row), unordered = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
+        __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = idx;
+        const __m256i step = _mm256_set1_epi32(8);
+        for (j = 8; j + 8 <= n; j += 8) {
+            cur = _mm256_add_epi32(cur, step);
+            const __m256 v = _mm256_loadu_ps(row + j);
+            const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ); /* strictly larger: a lane keeps its first */
+            m = _mm256_blendv_ps(m, v, gt);
+            idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(cur), gt));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        nan = _mm256_movemask_ps(unordered) != 0;
+        float lv[8];
+        int32_t li[8];
+        _mm256_storeu_ps(lv, m);
+        _mm256_storeu_si256((__m256i *)li, idx);
+        for (int i = 0; i < 8; i++)
+            if (lv[i] > best || (lv[i] == best && (at < 0 || li[i] < at))) { best = lv[i]; at = li[i]; }
+    }
+#endif
+    for (; j < n; j++) {
+        if (row[j] != row[j]) nan = 1;
+        else if (row[j] > best || at < 0) { best = row[j]; at = j; }
+    }
+    if (nan)
+        for (j = 0; j < n; j++)
+            if (row[j] != row[j]) { at = j; break; }
+    return at < 0 ? 0 : at;
+}
+
+/* out[r] = argmax_span of row r of x (rows `stride` floats apart). Serial: the greedy
  * verification of a pass's rows, without starting any thread team. */
 void fm_argmax_rows(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * stride;
-        float best = -INFINITY;
-        int64_t at = -1, j = 0;
-        int nan = 0;
-#ifdef FM_AVX2
-        if (n >= 8) {
-            __m256 m = _mm256_loadu_ps(row), unordered = _mm256_cmp_ps(m, m, _CMP_UNORD_Q);
-            __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), cur = idx;
-            const __m256i step = _mm256_set1_epi32(8);
-            for (j = 8; j + 8 <= n; j += 8) {
-                cur = _mm256_add_epi32(cur, step);
-                const __m256 v = _mm256_loadu_ps(row + j);
-                const __m256 gt = _mm256_cmp_ps(v, m, _CMP_GT_OQ); /* strictly larger: a lane keeps its first */
-                m = _mm256_blendv_ps(m, v, gt);
-                idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idx), _mm256_castsi256_ps(cur), gt));
-                unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-            }
-            nan = _mm256_movemask_ps(unordered) != 0;
-            float lv[8];
-            int32_t li[8];
-            _mm256_storeu_ps(lv, m);
-            _mm256_storeu_si256((__m256i *)li, idx);
-            for (int i = 0; i < 8; i++)
-                if (lv[i] > best || (lv[i] == best && (at < 0 || li[i] < at))) { best = lv[i]; at = li[i]; }
-        }
-#endif
-        for (; j < n; j++) {
-            if (row[j] != row[j]) nan = 1;
-            else if (row[j] > best || at < 0) { best = row[j]; at = j; }
-        }
-        if (nan)
-            for (j = 0; j < n; j++)
-                if (row[j] != row[j]) { at = j; break; }
-        out[r] = at < 0 ? 0 : at;
-    }
+    for (int64_t r = 0; r < rows; r++) out[r] = argmax_span(x + r * stride, n);
 }

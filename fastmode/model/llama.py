@@ -35,13 +35,14 @@ class QLinear(nn.Module):
         return self.run(x)
 
     def run(self, x: torch.Tensor, prologue: int = kernels.PRO_NONE, norm: RMSNorm | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, argmax: torch.Tensor | None = None) -> torch.Tensor:
         """The layer with a fused prologue (kernels.PRO_*; `norm` for PRO_RMSNORM) and, with
-        `out`, the result added into `out` in place (a residual connection)."""
-        if self.bias is not None and out is not None:
-            raise ValueError("a biased layer cannot accumulate")
+        `out`, the result added into `out` in place (a residual connection). With `argmax`
+        (int64, one per row; not for a biased layer), each result row's argmax goes into it."""
+        if self.bias is not None and (out is not None or argmax is not None):
+            raise ValueError("a biased layer cannot accumulate or give its argmax")
         y = kernels.matmul(self.lib, self.wtype, self.raw, self.out_features, self.in_features, x, prologue,
-                           None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, out)
+                           None if norm is None else norm.weight, 0.0 if norm is None else norm.eps, out, argmax)
         return y if self.bias is None else y + self.bias
 
 
@@ -232,12 +233,21 @@ class Llama(nn.Module):
         """The KV cache's dtype: f16 on the native kernels, else the weights' dtype."""
         return kernels.KV_DTYPE if self.native else self.embed.weight.dtype
 
+    @property
+    def fuses_argmax(self) -> bool:
+        """Whether `forward` can write each logit row's argmax as it computes the logits (the
+        head on the native kernels)."""
+        return isinstance(self.lm_head, QLinear) and self.lm_head.bias is None
+
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, cache: KVCache,
-                taps: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: ForwardBatch, cache: KVCache, taps: tuple[int, ...] = (),
+                argmax: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the batch; return logits for `batch.logit_rows`: [len(logit_rows), vocab]. With
         `taps` (block indices, ascending), also the residual stream after each of those blocks
-        at the logit rows: (logits, [len(logit_rows), len(taps), hidden])."""
+        at the logit rows: (logits, [len(logit_rows), len(taps), hidden]). With `argmax` (int64
+        [len(logit_rows)]; only where `fuses_argmax`), each logit row's argmax is written into it."""
+        if argmax is not None and not self.fuses_argmax:
+            raise ValueError("this model's head cannot give the logits' argmax")
         x = torch.index_select(self.embed.weight, 0, batch.input_ids)  # [T, hidden]
         lib = kernels.load() if self.native else None
         tapped: list[torch.Tensor] = []
@@ -261,7 +271,8 @@ class Llama(nn.Module):
                 if i in taps:
                     tapped.append(x[batch.logit_rows])
         if isinstance(self.lm_head, QLinear):  # the final norm fused into the head, on the native kernel
-            logits = self.lm_head.run(x if batch.every_row else x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm)
+            logits = self.lm_head.run(x if batch.every_row else x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm,
+                                      argmax=argmax)
         else:
             logits = self.lm_head(self.norm(x[batch.logit_rows]))
         return (logits, torch.stack(tapped, dim=1)) if taps else logits
