@@ -746,10 +746,6 @@ static int uses_xw(int64_t N) {
 #endif
 }
 
-/* The body of fm_linear, run by each thread tid of a team of nth (see run_team). Buffers come
- * from the caller: xbuf (xbuf_bytes(M, K / QK)); xw (M * nb * XW_BLOCK bytes) where uses_xw(N); scratch
- * (M * N floats) with accumulate; tmp (tmp_stride >= K floats per thread) with a prologue. Ends
- * at a barrier: y is complete for every thread when it returns. */
 #define LINEAR_TILE 16 /* output columns per tile of linear_team (its threads' shares are whole tiles) */
 
 /* The output columns [*c0, *c1) thread tid of nth computes in linear_team. */
@@ -760,6 +756,10 @@ static inline void column_span(int64_t N, int tid, int nth, int64_t *c0, int64_t
     *c1 = hi * LINEAR_TILE < N ? hi * LINEAR_TILE : N;
 }
 
+/* The body of fm_linear, run by each thread tid of a team of nth (see run_team). Buffers come
+ * from the caller: xbuf (xbuf_bytes(M, K / QK)); xw (M * nb * XW_BLOCK bytes) where uses_xw(N); scratch
+ * (M * N floats) with accumulate; tmp (tmp_stride >= K floats per thread) with a prologue. Ends
+ * at a barrier: y is complete for every thread when it returns. */
 static void linear_team(int tid, int nth, int type, const uint8_t *w, int64_t N, int64_t K, const float *x,
                         int64_t M, float *y, int prologue, const float *pw, float eps, int accumulate,
                         uint8_t *xbuf, int8_t *xw, float *scratch, float *tmp, int64_t tmp_stride) {
