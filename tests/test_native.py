@@ -510,6 +510,30 @@ def test_native_passes_hand_the_greedy_choice_over_with_the_logits(make_q4_engin
     assert seen and max(seen) > 1  # passes with drafts among them
 
 
+def test_every_row_is_set_exactly_when_the_logit_rows_are_all_rows_in_order(make_engine, make_q4_engine):
+    """Checked on every pass of a float engine (padded passes) and a native one (prefill chunks,
+    decode rows with drafts); both kinds of pass occur."""
+    seen: list[bool] = []
+    for engine in (make_engine(), make_q4_engine()):
+        _check_every_row(engine, seen)
+    assert True in seen and False in seen
+
+
+def _check_every_row(engine, seen):
+    real = engine.runner.build
+
+    def build(plan):
+        batch, ranges = real(plan)
+        whole = batch.logit_rows.tolist() == list(range(len(batch.input_ids)))
+        assert batch.every_row == whole
+        seen.append(whole)
+        return batch, ranges
+
+    engine.runner.build = build
+    long = test_engine.prompts(1, seed=3)[0] * 6  # prefill chunks, then decode with drafts
+    test_engine.run(engine, [long, *test_engine.prompts(2, seed=4)], test_engine.Lane.FAST, max_tokens=20)
+
+
 def test_a_decode_pass_leaves_torch_and_kernel_thread_counts_as_they_were(make_q4_engine, monkeypatch):
     """During a native pass (prompt or decode) torch runs on one thread and the kernels on the
     pass's chosen count (their own pool does the work); afterwards the calling thread has its

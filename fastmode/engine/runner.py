@@ -256,7 +256,9 @@ class Runner:
             segments=segments,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long),
             decode=_decode_rows(segments, total) if self.model.native else None,
-            every_row=n_logits == total and logit_rows == list(range(total)),
+            # rows come in order, each item's logit rows among its own: as many as there are rows
+            # (no padding) means every row, in order
+            every_row=n_logits == total,
         )
         return batch.to(self.device), ranges
 
