@@ -364,6 +364,27 @@ def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, kind, tmp_path)
                                kernels.matmul(avx2, TYPE_IDS[kind], theirs, n, 1536, x[:m])), (n, m)
 
 
+@pytest.mark.parametrize("dim", [8, 24, 64, 136])  # a half vector; one and a half; whole vectors; a block and a part
+def test_avx512_attention_equals_the_avx2_attention_bit_for_bit(lib, dim, tmp_path):
+    """On AVX-512 attention runs two keys a vector for the scores and sixteen values a vector
+    for the weighted sums, with each lane's operations and their order unchanged: the same bits
+    as the AVX2 build, for any number of keys (the last 8 partly filled) and heads per kv head."""
+    if not lib.fm_has_avx512():
+        pytest.skip("this CPU has no AVX-512: there is one path only")
+    avx2 = kernels.build_with(["-mno-avx512f"], tmp_path)
+    assert avx2 is not None and avx2.fm_has_avx2() and not avx2.fm_has_avx512()
+    n_keys = 300
+    for heads, kv_heads in ((9, 3), (4, 2), (8, 8), (12, 3)):  # 3, 2, 1 and 4 (3 + 1) query heads a kv head
+        k, v = (torch.randn(n_keys, kv_heads, dim) * 3).half(), torch.randn(n_keys, kv_heads, dim).half()
+        slots = torch.randperm(n_keys)
+        lengths = torch.tensor([1, 2, 3, 7, 8, 9, 15, 16, 17, 161, 250, 300])
+        q = torch.randn(len(lengths), heads, dim) * 3
+        offsets = torch.zeros(len(lengths), dtype=torch.long)
+        ours = kernels.attention_rows(lib, q, k, v, slots, offsets, lengths, dim ** -0.5)
+        theirs = kernels.attention_rows(avx2, q, k, v, slots, offsets, lengths, dim ** -0.5)
+        assert torch.equal(ours, theirs), (heads, kv_heads)
+
+
 def test_portable_build_rounds_the_kv_cache_to_f16_like_torch(lib, tmp_path):
     """Without F16C the kernels convert to f16 in C: round to nearest even, subnormals,
     overflow to infinity, the same bits as torch's conversion."""

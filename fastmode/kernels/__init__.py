@@ -161,7 +161,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                               ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
     lib.fm_argmax_rows.restype = None
     lib.fm_argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
-    lib.fm_has_avx2.restype = lib.fm_has_vnni512.restype = lib.fm_row_interleaved.restype = ctypes.c_int
+    lib.fm_has_avx2.restype = lib.fm_has_avx512.restype = lib.fm_has_vnni512.restype = ctypes.c_int
+    lib.fm_row_interleaved.restype = ctypes.c_int
     lib.fm_row_interleaved.argtypes = [i64]
     return lib
 

@@ -34,6 +34,12 @@
 #if defined(FM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define FM_VNNI512 1
 #endif
+/* AVX-512F: attention runs two keys (scores) or sixteen values (weighted sums) a vector, in the
+ * same per-lane operations and order as the AVX2 path, so its results are the AVX2 build's bit
+ * for bit. */
+#if defined(FM_AVX2) && defined(__AVX512F__)
+#define FM_AVX512 1
+#endif
 
 #define QK 32
 /* The weights stream through once per pass and are not read again before the next pass (97 MB
@@ -700,6 +706,15 @@ int fm_has_avx2(void) {
 #endif
 }
 
+/* 1 if this build's attention uses AVX-512 (for reports and tests). */
+int fm_has_avx512(void) {
+#ifdef FM_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* 1 if this build's tiles use AVX-512 VNNI (for reports). */
 int fm_has_vnni512(void) {
 #ifdef FM_VNNI512
@@ -977,10 +992,35 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
     for (int64_t i0 = 0; i0 < n; i0 += 8) {
         const int nk = n - i0 < 8 ? (int)(n - i0) : 8;
         __m256 acc[ATTN_Q][8];
+        const uint16_t *kh[8];
+#ifdef FM_AVX512
+        /* keys 2i and 2i + 1 in the low and high halves of one vector, each half the AVX2 path's
+         * 8 lanes of that key's sum (a missing key of the last 8 reads key i0's values; its
+         * score is never used) */
+        for (int j = 0; j < 8; j++) kh[j] = k + sl[i0 + (j < nk ? j : 0)] * stride + off;
+        __m512 pair[ATTN_Q][4];
+        for (int h = 0; h < nq; h++)
+            for (int j = 0; j < 4; j++) pair[h][j] = _mm512_setzero_ps();
+        for (int64_t e = 0; e < head_dim; e += 8) {
+            __m512 qv[ATTN_Q];
+            for (int h = 0; h < nq; h++) qv[h] = _mm512_broadcast_f32x8(_mm256_loadu_ps(qh[h] + e));
+            for (int j = 0; j < 4; j++) {
+                const __m256i kk = _mm256_inserti128_si256(
+                    _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(kh[2 * j] + e))),
+                    _mm_loadu_si128((const __m128i *)(kh[2 * j + 1] + e)), 1);
+                const __m512 kv = _mm512_cvtph_ps(kk);
+                for (int h = 0; h < nq; h++) pair[h][j] = _mm512_fmadd_ps(qv[h], kv, pair[h][j]);
+            }
+        }
+        for (int h = 0; h < nq; h++)
+            for (int j = 0; j < 4; j++) {
+                acc[h][2 * j] = _mm512_castps512_ps256(pair[h][j]);
+                acc[h][2 * j + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pair[h][j]), 1));
+            }
+#else
+        for (int j = 0; j < nk; j++) kh[j] = k + sl[i0 + j] * stride + off;
         for (int h = 0; h < nq; h++)
             for (int j = 0; j < 8; j++) acc[h][j] = _mm256_setzero_ps();
-        const uint16_t *kh[8];
-        for (int j = 0; j < nk; j++) kh[j] = k + sl[i0 + j] * stride + off;
         /* each (head, key) sum runs over e in order; keys and heads interleave for throughput */
         for (int64_t e = 0; e < head_dim; e += 8) {
             __m256 qv[ATTN_Q];
@@ -990,6 +1030,7 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
                 for (int h = 0; h < nq; h++) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
             }
         }
+#endif
         for (int h = 0; h < nq; h++) {
             const __m256 s = _mm256_mul_ps(hsum8x8(acc[h]), _mm256_set1_ps(scale));
             if (nk == 8) {
@@ -1030,7 +1071,38 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
         }
         inv[h] = 1.0f / hsum8(vsum);
     }
-    /* o = sum_i w_i v_i / sum, 64 outputs at a time in registers */
+    /* o = sum_i w_i v_i / sum, 64 outputs at a time in registers (each output one lane, summed
+     * over i in order: the vector width does not change it) */
+#ifdef FM_AVX512
+    for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
+        const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8; /* 8-value chunks */
+        const int nz = nv / 2, odd = nv % 2;                                /* 16-value vectors, an 8 left */
+        __m512 acc[ATTN_Q][4];
+        __m256 rest[ATTN_Q];
+        for (int h = 0; h < nq; h++) {
+            for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
+            rest[h] = _mm256_setzero_ps();
+        }
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *vh = v + sl[t] * stride + off + e0;
+            __m512 w[ATTN_Q];
+            for (int h = 0; h < nq; h++) w[h] = _mm512_set1_ps(p[h][t]);
+            for (int c = 0; c < nz; c++) {
+                const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vh + 16 * c)));
+                for (int h = 0; h < nq; h++) acc[h][c] = _mm512_fmadd_ps(w[h], vv, acc[h][c]);
+            }
+            if (odd) {
+                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + 16 * nz)));
+                for (int h = 0; h < nq; h++) rest[h] = _mm256_fmadd_ps(_mm512_castps512_ps256(w[h]), vv, rest[h]);
+            }
+        }
+        for (int h = 0; h < nq; h++) {
+            const __m512 vi = _mm512_set1_ps(inv[h]);
+            for (int c = 0; c < nz; c++) _mm512_storeu_ps(o[h] + e0 + 16 * c, _mm512_mul_ps(acc[h][c], vi));
+            if (odd) _mm256_storeu_ps(o[h] + e0 + 16 * nz, _mm256_mul_ps(rest[h], _mm512_castps512_ps256(vi)));
+        }
+    }
+#else
     for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
         const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8;
         __m256 acc[ATTN_Q][8];
@@ -1050,6 +1122,7 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
             for (int c = 0; c < nv; c++) _mm256_storeu_ps(o[h] + e0 + 8 * c, _mm256_mul_ps(acc[h][c], vi));
         }
     }
+#endif
 #else
     for (int h = 0; h < nq; h++) {
         float mx = -INFINITY, *ph = p[h], *oh = o[h];
