@@ -34,10 +34,10 @@
 #if defined(FM_AVX2) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define FM_VNNI512 1
 #endif
-/* AVX-512F: attention runs two keys (scores) or sixteen values (weighted sums) a vector, in the
- * same per-lane operations and order as the AVX2 path, so its results are the AVX2 build's bit
- * for bit. */
-#if defined(FM_AVX2) && defined(__AVX512F__)
+/* AVX-512 (F and DQ): attention runs two keys (scores) or sixteen values (weighted sums) a
+ * vector, in the same per-lane operations and order as the AVX2 path, so its results are the
+ * AVX2 build's bit for bit. */
+#if defined(FM_AVX2) && defined(__AVX512F__) && defined(__AVX512DQ__)
 #define FM_AVX512 1
 #endif
 
