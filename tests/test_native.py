@@ -59,6 +59,26 @@ def test_every_row_is_bit_identical_in_any_batch_and_with_any_thread_count(lib, 
         torch.set_num_threads(threads)
 
 
+def test_rms_norm_prologue_rows_are_bit_identical_in_any_batch_and_with_any_thread_count(lib):
+    """A thread sums its rows' squares four rows at a time (each row's sum in its own order), 64
+    rows to a buffer: a row's result is the same alone, in any batch and on any thread count."""
+    wtype, raw, _ = blocks("Q4_1", 64, 576, seed=3)
+    x = torch.randn(150, 576) * torch.logspace(-2, 2, 150)[:, None]
+    norm = torch.rand(576) + 0.5
+    full = kernels.matmul(lib, wtype, raw, 64, 576, x, kernels.PRO_RMSNORM, norm, 1e-5)
+    for m in (*range(1, 10), 13, 70, 129):
+        assert torch.equal(kernels.matmul(lib, wtype, raw, 64, 576, x[:m], kernels.PRO_RMSNORM, norm, 1e-5), full[:m]), m
+    for i in (0, 5, 77, 149):
+        assert torch.equal(kernels.matmul(lib, wtype, raw, 64, 576, x[i:i + 1], kernels.PRO_RMSNORM, norm, 1e-5),
+                           full[i:i + 1]), i
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # 150 rows on one thread: past a buffer of 64 sums
+        assert torch.equal(kernels.matmul(lib, wtype, raw, 64, 576, x, kernels.PRO_RMSNORM, norm, 1e-5), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_fused_prologues_and_the_residual_add(lib):
     wtype, raw, exact = blocks("Q4_1", 64, 288, seed=2)
     x = torch.randn(5, 288)

@@ -729,10 +729,35 @@ int fm_has_vnni512(void) {
  * PRO_SWIGLU: x holds [gate (K) | up (K)], the row is silu(gate) * up. */
 enum { PRO_NONE = 0, PRO_RMSNORM = 1, PRO_SWIGLU = 2 };
 
-static void prologue_row(int prologue, const float *x, int64_t K, const float *pw, float eps, float *out) {
+/* ss[i] = the sum of squares of row lo + i of x, i < hi - lo: each row's sum in order, as one
+ * row alone would have it, up to four rows' sums interleaved (four independent chains of adds
+ * instead of one at a time: a row's 576 dependent adds are latency-bound). */
+static void sums_of_squares(const float *x, int64_t x_stride, int64_t lo, int64_t hi, int64_t K, float *ss) {
+    for (int64_t m = lo; m < hi; m += 4) {
+        if (m + 1 == hi) { /* a row alone */
+            const float *r = x + m * x_stride;
+            float s = 0.0f;
+            for (int64_t j = 0; j < K; j++) s += r[j] * r[j];
+            ss[m - lo] = s;
+            break;
+        }
+        const float *r[4];
+        for (int i = 0; i < 4; i++) r[i] = x + (m + i < hi ? m + i : m) * x_stride; /* spare chains repeat row m */
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+        for (int64_t j = 0; j < K; j++) {
+            s0 += r[0][j] * r[0][j];
+            s1 += r[1][j] * r[1][j];
+            s2 += r[2][j] * r[2][j];
+            s3 += r[3][j] * r[3][j];
+        }
+        const float s[4] = {s0, s1, s2, s3};
+        for (int i = 0; i < 4 && m + i < hi; i++) ss[m + i - lo] = s[i];
+    }
+}
+
+/* ss: the row's sum of squares (sums_of_squares), for PRO_RMSNORM */
+static void prologue_row(int prologue, const float *x, int64_t K, const float *pw, float eps, float ss, float *out) {
     if (prologue == PRO_RMSNORM) {
-        float ss = 0.0f;
-        for (int64_t j = 0; j < K; j++) ss += x[j] * x[j];
         const float scale = 1.0f / sqrtf(ss / (float)K + eps);
         for (int64_t j = 0; j < K; j++) out[j] = x[j] * scale * pw[j];
     } else { /* PRO_SWIGLU */
@@ -791,11 +816,14 @@ static void linear_team(int tid, int nth, int type, const uint8_t *w, int64_t N,
     int64_t lo, hi;
     /* quantize the activations (row by row: a row's blocks depend only on that row) */
     share(M, tid, nth, &lo, &hi);
+    float ss[64]; /* this thread's rows' sums of squares, 64 at a time */
     for (int64_t m = lo; m < hi; m++) {
+        if (prologue == PRO_RMSNORM && (m - lo) % 64 == 0)
+            sums_of_squares(x, x_stride, m, m + 64 < hi ? m + 64 : hi, K, ss);
         if (prologue == PRO_NONE) {
             quantize_row(x + m * x_stride, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
         } else {
-            prologue_row(prologue, x + m * x_stride, K, pw, eps, mine);
+            prologue_row(prologue, x + m * x_stride, K, pw, eps, prologue == PRO_RMSNORM ? ss[(m - lo) % 64] : 0.0f, mine);
             quantize_row(mine, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
         }
 #ifdef FM_AVX2
