@@ -1189,15 +1189,18 @@ static void attn_team(int tid, int nth, const float *q, int64_t q_stride, const 
                       const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t heads,
                       int64_t kv_heads, int64_t head_dim, float scale, float *out, float *scratch, int64_t max_len) {
     const int64_t group = heads / kv_heads, stride = kv_heads * head_dim;
-    /* a task: up to ATTN_Q query heads of one row that share a kv head */
-    const int64_t chunks = (group + ATTN_Q - 1) / ATTN_Q, tasks = rows * kv_heads * chunks;
     float *mine = scratch + tid * ATTN_Q * (max_len + 8);
+    /* the threads share the (row, query head) pairs evenly (one row's 9 heads: 5 and 4, not
+     * two kv heads' 6 and one's 3); a task is up to ATTN_Q of a thread's heads of one row that
+     * share a kv head. A head's operations do not depend on which heads it goes with. */
     int64_t lo, hi;
-    share(tasks, tid, nth, &lo, &hi);
-    for (int64_t task = lo; task < hi; task++) {
-        const int64_t r = task / (kv_heads * chunks), g = task / chunks % kv_heads, c = task % chunks;
-        const int64_t h0 = g * group + c * ATTN_Q;
-        const int nq = group - c * ATTN_Q < ATTN_Q ? (int)(group - c * ATTN_Q) : ATTN_Q;
+    share(rows * heads, tid, nth, &lo, &hi);
+    for (int64_t u = lo; u < hi;) {
+        const int64_t r = u / heads, h0 = u % heads, g = h0 / group;
+        int64_t end = (g + 1) * group; /* the kv head's last query head + 1 */
+        if (end > h0 + ATTN_Q) end = h0 + ATTN_Q;
+        if (end > h0 + hi - u) end = h0 + hi - u;
+        const int nq = (int)(end - h0);
         const float *qh[ATTN_Q];
         float *p[ATTN_Q], *o[ATTN_Q];
         for (int i = 0; i < nq; i++) {
@@ -1206,6 +1209,7 @@ static void attn_team(int tid, int nth, const float *q, int64_t q_stride, const 
             o[i] = out + (r * heads + h0 + i) * head_dim;
         }
         attend_heads(nq, qh, k, v, slots + offsets[r], lengths[r], stride, g * head_dim, head_dim, scale, p, o);
+        u += nq;
     }
     team_barrier(nth);
 }
