@@ -71,13 +71,10 @@ class DraftCorpus:
         self.max_ngram = max_ngram
         self.tokens = np.asarray(tokens, dtype=np.int64)
         self.powers = [pow(BASE, n, 1 << 64) for n in range(max_ngram)]
-        self.keys: list[np.ndarray] = []  # per n-gram length n (index n - 1): sorted hashes
-        self.positions: list[np.ndarray] = []  # the corpus position just after an occurrence
-        self.agreement: list[np.ndarray] = []  # its agreement class
-        # the same, and the tokens, as memoryviews: what lookups read (Python ints, no numpy calls)
-        self._keys: list[memoryview] = []
-        self._positions: list[memoryview] = []
-        self._agreement: list[memoryview] = []
+        # the index, as memoryviews of its numpy arrays: lookups read Python ints, no numpy calls
+        self.keys: list[memoryview] = []  # per n-gram length n (index n - 1): sorted hashes
+        self.positions: list[memoryview] = []  # the corpus position just after an occurrence
+        self.agreement: list[memoryview] = []  # its agreement class
         self._tokens = memoryview(self.tokens)
         self.indexed = False  # see index()
         self._lock = threading.Lock()
@@ -130,9 +127,9 @@ class DraftCorpus:
             h += (prev + 1).astype(np.uint64) * np.uint64(self.powers[n - 1])
             at = np.nonzero(ok)[0]
             if len(at) == 0:
-                self.keys.append(np.zeros(0, dtype=np.uint64))
-                self.positions.append(np.zeros(0, dtype=np.int32))
-                self.agreement.append(np.zeros(0, dtype=np.int8))
+                self.keys.append(memoryview(np.zeros(0, dtype=np.uint64)))
+                self.positions.append(memoryview(np.zeros(0, dtype=np.int32)))
+                self.agreement.append(memoryview(np.zeros(0, dtype=np.int8)))
                 continue
             keys, nxt = h[at], toks[at]
             order = np.lexsort((at, nxt, keys))  # by hash, then next token, then position
@@ -149,16 +146,13 @@ class DraftCorpus:
             total = np.add.reduceat(lengths[pick], np.nonzero(first)[0])
             agreement = np.where(total == 1, ONCE, np.where(top == total, UNANIMOUS,
                                                             np.where(2 * top >= total, MAJORITY, MINORITY)))
-            self.keys.append(run_keys[pick][first])
-            self.positions.append(run_pos[pick][first].astype(np.int32))
-            self.agreement.append(agreement.astype(np.int8))
-        self._keys = [memoryview(a) for a in self.keys]
-        self._positions = [memoryview(a) for a in self.positions]
-        self._agreement = [memoryview(a) for a in self.agreement]
+            self.keys.append(memoryview(run_keys[pick][first]))
+            self.positions.append(memoryview(run_pos[pick][first].astype(np.int32)))
+            self.agreement.append(memoryview(agreement.astype(np.int8)))
 
     def _find(self, n: int, key: int) -> int:
         """The index of this n-gram hash in the length-n table, or -1."""
-        keys = self._keys[n - 1]
+        keys = self.keys[n - 1]
         i = bisect.bisect_left(keys, key)
         return i if i < len(keys) and keys[i] == key else -1
 
@@ -182,11 +176,11 @@ class DraftCorpus:
                 hi = mid - 1
         if lo == 0:
             return [], 0, 0
-        pos = self._positions[lo - 1][at]
+        pos = self.positions[lo - 1][at]
         out = self._tokens[pos:pos + k].tolist()
         if SEPARATOR in out:
             out = out[:out.index(SEPARATOR)]
-        return out, lo, self._agreement[lo - 1][at]
+        return out, lo, self.agreement[lo - 1][at]
 
     def proposal(self, context: list[int], k: int, greedy: bool = True) -> tuple[int, list[int]]:
         """`propose`'s tokens with the kind its draft policy prices them by (`proposal_kind`)."""
