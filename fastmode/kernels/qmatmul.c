@@ -1228,8 +1228,10 @@ static void attn_team(int tid, int nth, const float *q, int64_t q_stride, const 
             p[i] = mine + i * (max_len + 8);
             o[i] = out + (r * heads + h0 + i) * head_dim;
         }
-        /* the next layer's keys and values are asked for by a segment's last row, which reads them all */
-        const int last = r + 1 == rows || offsets[r + 1] != offsets[r] || lengths[r + 1] <= lengths[r];
+        /* the next layer's keys and values are asked for by the thread that will read them there (the
+         * same share): by its last row of a segment reading this kv head (rows read more keys in turn) */
+        const int last = r + 1 == rows || (r + 1) * heads + h0 >= hi || offsets[r + 1] != offsets[r] ||
+                         lengths[r + 1] <= lengths[r];
         attend_heads(nq, qh, k, v, slots + offsets[r], lengths[r], stride, g * head_dim, head_dim, scale,
                      last ? next : 0, p, o);
         u += nq;
