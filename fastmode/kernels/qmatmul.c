@@ -1202,6 +1202,13 @@ static void attend_heads(int nq, const float *const *qh, const uint16_t *k, cons
     else attend_heads_n(1, qh, k, v, sl, n, stride, off, head_dim, scale, next, p, o);
 }
 
+/* The end of the segment of rows starting at r0: rows reading the same keys, one more each. */
+static int64_t segment_end(const int64_t *offsets, const int64_t *lengths, int64_t rows, int64_t r0) {
+    int64_t r = r0 + 1;
+    while (r < rows && offsets[r] == offsets[r0] && lengths[r] == lengths[r - 1] + 1) r++;
+    return r;
+}
+
 /* The body of fm_attn_rows, run by each thread of a team (see linear_team); scratch: per thread ATTN_Q * (max_len + 8) floats, max_len the longest row.
  * Ends at a barrier. */
 static void attn_team(int tid, int nth, const float *q, int64_t q_stride, const uint16_t *k, const uint16_t *v, const int64_t *slots,
@@ -1212,11 +1219,16 @@ static void attn_team(int tid, int nth, const float *q, int64_t q_stride, const 
     float *mine = scratch + tid * ATTN_Q * (max_len + 8);
     /* the threads share the (row, query head) pairs evenly (one row's 9 heads: 5 and 4, not
      * two kv heads' 6 and one's 3); a task is up to ATTN_Q of a thread's heads of one row that
-     * share a kv head. A head's operations do not depend on which heads it goes with. */
+     * share a kv head. A head's operations do not depend on which heads it goes with. Within a
+     * segment (rows reading the same keys, as a request's drafts do) the pairs go kv head by kv
+     * head, so that a thread reads fewer kv heads' keys, and reads them for row after row. */
     int64_t lo, hi;
     share(rows * heads, tid, nth, &lo, &hi);
+    int64_t r0 = 0, r1 = segment_end(offsets, lengths, rows, 0); /* the segment's rows [r0, r1) */
     for (int64_t u = lo; u < hi;) {
-        const int64_t r = u / heads, h0 = u % heads, g = h0 / group;
+        while (u >= r1 * heads) { r0 = r1; r1 = segment_end(offsets, lengths, rows, r0); }
+        const int64_t in_seg = u - r0 * heads, per_kv = (r1 - r0) * group;
+        const int64_t g = in_seg / per_kv, r = r0 + in_seg % per_kv / group, h0 = g * group + in_seg % group;
         int64_t end = (g + 1) * group; /* the kv head's last query head + 1 */
         if (end > h0 + ATTN_Q) end = h0 + ATTN_Q;
         if (end > h0 + hi - u) end = h0 + hi - u;
@@ -1229,9 +1241,9 @@ static void attn_team(int tid, int nth, const float *q, int64_t q_stride, const 
             o[i] = out + (r * heads + h0 + i) * head_dim;
         }
         /* the next layer's keys and values are asked for by the thread that will read them there (the
-         * same share): by its last row of a segment reading this kv head (rows read more keys in turn) */
-        const int last = r + 1 == rows || (r + 1) * heads + h0 >= hi || offsets[r + 1] != offsets[r] ||
-                         lengths[r + 1] <= lengths[r];
+         * same share): by its last row of the segment reading this kv head (rows read more keys in
+         * turn); the same heads of the next row are the pair `group` on */
+        const int last = r + 1 == r1 || u + group >= hi;
         attend_heads(nq, qh, k, v, slots + offsets[r], lengths[r], stride, g * head_dim, head_dim, scale,
                      last ? next : 0, p, o);
         u += nq;
