@@ -337,6 +337,21 @@ def test_thread_chooser_follows_the_measurements():
     assert c.pick(8) == 2  # another pass size has its own measurements
 
 
+def test_thread_chooser_is_not_held_by_one_slow_pass():
+    """Interference only ever slows a pass: one slow pass of a count (the first after a start,
+    or while another process ran) must not keep the count unused once it is measured fast."""
+    from fastmode.engine.runner import ThreadChooser
+    c = ThreadChooser([2, 1], explore_every=5)
+    c.observe(2, 1, 0.050)  # a slow first pass on two threads
+    c.observe(1, 1, 0.003)
+    assert c.pick_best(1) == 1
+    c.observe(2, 1, 0.0025)  # the next time two threads are tried, they are fast
+    assert c.pick_best(1) == 2
+    for _ in range(3):  # and a count that stays slow is dropped again
+        c.observe(2, 1, 0.009)
+    assert c.pick_best(1) == 1
+
+
 def test_native_lanes_agree_while_the_thread_count_changes_every_pass(make_q4_engine, monkeypatch):
     """Every decode pass alternates between one and two threads: the native kernels' results do
     not depend on the thread count, so the lanes still give the same tokens."""
