@@ -70,7 +70,10 @@ def test_bench_prompt_cache_measures_cold_and_cached_at_both_speeds(tiny_server,
     assert {(s["speed"], s["served"]) for s in res["samples"]} == {("standard", "standard"), ("fast", "fast")}
 
 
-def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_path):
+def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_path, monkeypatch):
+    from fastmode.bench import compare
+    pauses: list[int] = []  # a pause before every run, and before the streams and the pass timings
+    monkeypatch.setattr(compare, "settle", lambda: pauses.append(1))
     wl = tmp_path / "w.jsonl"
     wl.write_text("\n".join(json.dumps({"category": c, "max_tokens": 12, "messages": [
         {"role": "user", "content": f"Repeat: {c} {c} {c} {c}"}]}) for c in ("copy", "chat")))
@@ -88,6 +91,7 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     assert {r["contender"] for r in runs} >= {"fastmode standard", "fastmode fast"}
     assert len([r for r in runs if r["contender"] == "fastmode fast"]) == 4  # 2 prompts x 2 repeats
     assert all(len(r["tokens"]) > 0 and r["otps"] > 0 for r in runs)
+    assert len(pauses) == len(runs) + 2
     config = report["configs"]["default"]
     assert config["identical_fast_standard"] == [4, 4] and config["weights"] == "float32 in torch"
     assert report["read_bandwidth_gbs"] > 0 and config["decode_bandwidth_gbs"] > 0

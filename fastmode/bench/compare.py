@@ -67,6 +67,15 @@ def timed(gen: Iterator[int], max_tokens: int) -> tuple[float, float, list[int]]
     return first - t0, (len(out) - 1) / (end - first) if len(out) > 1 and end > first else 0.0, out
 
 
+# A pause before each contender's run, so that the threads of the one before (llama.cpp's pool
+# polls for work after a generation) do not slow its first passes: right after a llama.cpp
+# generation two 2-thread passes of ours took 7.1 and 5.2 ms, against 3.4 and 3.1 ms after 10 ms.
+SETTLE_SECONDS = 0.03
+
+
+def settle() -> None:
+    time.sleep(SETTLE_SECONDS)
+
 # the fast lane's other draft-head setting, by whether the engine drafts with the head by default
 OTHER_HEAD = {True: "without head", False: "draft head"}
 # and its other draft-corpus setting
@@ -330,17 +339,20 @@ def run_compare(args: argparse.Namespace) -> int:
             max_tokens = args.max_tokens or item.get("max_tokens", 256)
             k = (rep * len(items) + i) % len(names)
             for name in names[k:] + names[:k]:  # rotate who goes first
+                settle()
                 ttft, otps, toks = timed(contenders[name](ids, max_tokens), max_tokens)
                 runs.append(Run(name, item["category"], i, rep, ttft, otps, toks))
                 bar.update(1)
     bar.close()
     streams = {}
+    settle()
     if args.streams > 1:  # the standard lane's batching: N prompts at once against one at a time
         first = (prompts * args.streams)[:args.streams]
         for suffix, many in tqdm(batched.items(), desc="streams"):
             streams[suffix.strip() or "default"] = aggregate_otps(many, first, 48, max(args.repeats, 5))
     costs: dict[str, dict[int, float]] = {}  # suffix -> pass seconds by rows
     contexts: dict[str, int] = {}
+    settle()
     for suffix, pass_times in passes.items():
         for ids in prompts:  # the first prompt whose answer does not end at its first token
             if times := pass_times(ids, 7):
@@ -492,7 +504,8 @@ llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in
 environment, and Hugging Face transformers (greedy and prompt lookup) when `transformers`,
 `gguf` and `accelerate` are. Every contender runs in one process on the same prompt ids (the
 shipped workload, `fastmode/bench/workloads/dev.jsonl`), greedy, the order rotating from prompt
-to prompt; numbers are medians. Then the standard lane with 8 streams at once against one,
+to prompt, with a 30 ms pause before each run (so that the thread pool of the contender before
+has gone quiet); numbers are medians. Then the standard lane with 8 streams at once against one,
 and one decode pass timed by its rows (a token plus drafts, interleaved, medians of 7): what
 verifying drafts costs on the machine, and so the most the fast lane can gain there.
 
