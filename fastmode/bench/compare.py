@@ -76,6 +76,7 @@ SETTLE_SECONDS = 0.03
 def settle() -> None:
     time.sleep(SETTLE_SECONDS)
 
+
 # the fast lane's other draft-head setting, by whether the engine drafts with the head by default
 OTHER_HEAD = {True: "without head", False: "draft head"}
 # and its other draft-corpus setting

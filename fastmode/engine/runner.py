@@ -54,7 +54,8 @@ class ThreadChooser:
     noticed within a few seconds.
 
     A count's time is the least of its last `window` passes: a pass is only ever slowed by
-    what else the machine does, and a count that is not in use is measured once in 50 passes.
+    what else the machine does, and a count that is not in use is measured once in
+    `explore_every` passes.
     A running average kept one slow pass for hundreds: measured on the default model, a 1-row
     pass had been held at 5.4 ms on two threads (so it ran on one, at 3.1 ms) while two
     threads took 2.5 ms.
