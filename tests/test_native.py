@@ -1,5 +1,7 @@
 """The native kernels: quantized matmuls on GGUF blocks, fused prologues, rope + cache write,
 decode attention; and the engine on a Q4_1 model, where they make every row batch-invariant."""
+from array import array
+
 import numpy as np
 import pytest
 import torch
@@ -249,13 +251,14 @@ def test_one_call_blocks_refuse_key_slots_out_of_range(make_q4_engine):
     x = torch.randn(2, model.arch.hidden_size)
     model._dims[6] = cache.k.shape[1]
     before, k_before = x.clone(), cache.k.clone()
-    one = torch.ones(2, dtype=torch.long)
-    for kv_slots, lengths in ((torch.tensor([0, cache.k.shape[1]]), one), (torch.tensor([0, 1]), one * 3)):
+    for kv_slots, lengths in ((torch.tensor([0, cache.k.shape[1]]), [1, 1]), (torch.tensor([0, 1]), [3, 3])):
+        ints = array("q", [5, 6] + [0, 1] + [0, 0] + lengths)  # ids, positions, key offsets, key counts
         with pytest.raises(kernels.KernelError, match="out of range"):
             kernels.blocks(lib, model._table, model._dims, 1e-5, 0.125, x, model.rope.cos, model.rope.signed_sin,
-                           torch.tensor([0, 1]), torch.tensor([0, 1]), 2, cache.k, cache.v, kv_slots,
-                           torch.zeros(2, dtype=torch.long), lengths)
+                           ints, torch.tensor([0, 1]), kv_slots, cache.k, cache.v)
     assert torch.equal(x, before) and torch.equal(cache.k, k_before)  # nothing written
+    with pytest.raises(kernels.KernelError, match="outside the vocabulary"):
+        kernels.embed_rows(lib, model.embed.weight, array("q", [1, model.arch.vocab_size]), 2)
 
 
 def test_native_model_stays_close_to_its_float_twin(tiny_q4, make_q4_engine):
@@ -568,24 +571,31 @@ def test_native_passes_hand_the_greedy_choice_over_with_the_logits(make_q4_engin
 
 def test_every_row_is_set_exactly_when_the_logit_rows_are_all_rows_in_order(make_engine, make_q4_engine):
     """Checked on every pass of a float engine (padded passes) and a native one (prefill chunks,
-    decode rows with drafts); both kinds of pass occur."""
-    seen: list[bool] = []
+    decode rows with drafts; there `logit_rows` is None for every row); on the native one both
+    kinds of pass occur."""
     for engine in (make_engine(), make_q4_engine()):
+        seen: list[bool] = []
         _check_every_row(engine, seen)
     assert True in seen and False in seen
 
 
 def _check_every_row(engine, seen):
-    real = engine.runner.build
+    native = engine.model.one_call
+    real = engine.runner.build_native if native else engine.runner.build
 
     def build(plan):
-        batch, ranges = real(plan)
-        whole = batch.logit_rows.tolist() == list(range(len(batch.input_ids)))
-        assert batch.every_row == whole
+        laid, ranges = real(plan)
+        if native:
+            wanted = list(range(laid.rows)) if laid.logit_rows is None else laid.logit_rows
+            whole = wanted == list(range(laid.rows))
+            assert (laid.logit_rows is None) == whole and laid.num_logits == sum(n for _, n in ranges)
+        else:
+            whole = laid.logit_rows.tolist() == list(range(len(laid.input_ids)))
+            assert laid.every_row == whole
         seen.append(whole)
-        return batch, ranges
+        return laid, ranges
 
-    engine.runner.build = build
+    setattr(engine.runner, "build_native" if native else "build", build)
     long = test_engine.prompts(1, seed=3)[0] * 6  # prefill chunks, then decode with drafts
     test_engine.run(engine, [long, *test_engine.prompts(2, seed=4)], test_engine.Lane.FAST, max_tokens=20)
 

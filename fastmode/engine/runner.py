@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from array import array
 from collections import deque
 
 import torch
@@ -11,7 +12,7 @@ from fastmode import kernels
 from fastmode.engine.block_manager import BlockManager
 from fastmode.engine.request import Request
 from fastmode.engine.scheduler import Scheduled
-from fastmode.model.batch import DecodeRows, ForwardBatch, Segment
+from fastmode.model.batch import DecodeRows, ForwardBatch, NativeRows, Segment
 from fastmode.model.kv_cache import KVCache
 from fastmode.model.llama import Llama
 
@@ -68,13 +69,16 @@ class ThreadChooser:
         self.recent: dict[tuple[int, int], deque[float]] = {}
         self.window = window
         self.passes: dict[int, int] = {}
+        self.best: dict[int, int] = {}  # rows -> pick_best(rows), kept by observe (read every pass)
+        self.complete: set[int] = set()  # pass sizes every option has been measured at
 
     def pick(self, rows: int) -> int:
         n = self.passes[rows] = self.passes.get(rows, 0) + 1
-        untried = [t for t in self.options if (t, rows) not in self.seconds]
-        if untried:
-            return untried[0]
-        best = self.pick_best(rows)
+        if rows not in self.complete:
+            untried = [t for t in self.options if (t, rows) not in self.seconds]
+            if untried:
+                return untried[0]
+        best = self.best[rows]
         if n % self.explore_every == 0:  # try the next count after the best, in turn
             others = [t for t in self.options if t != best]
             return others[(n // self.explore_every) % len(others)]
@@ -82,13 +86,16 @@ class ThreadChooser:
 
     def pick_best(self, rows: int) -> int | None:
         """The thread count with the fastest measured passes of this size (None: none measured)."""
-        known = {t: self.seconds[(t, rows)] for t in self.options if (t, rows) in self.seconds}
-        return min(known, key=known.__getitem__) if known else None
+        return self.best.get(rows)
 
     def observe(self, threads: int, rows: int, seconds: float) -> None:
         recent = self.recent.setdefault((threads, rows), deque(maxlen=self.window))
         recent.append(seconds)
         self.seconds[(threads, rows)] = min(recent)
+        known = {t: self.seconds[(t, rows)] for t in self.options if (t, rows) in self.seconds}
+        self.best[rows] = min(known, key=known.__getitem__)
+        if len(known) == len(self.options):
+            self.complete.add(rows)
 
 
 class PassCost:
@@ -217,6 +224,22 @@ class Runner:
         """Drop what was kept for a finished request."""
         self._slots.pop(request_id, None)
 
+    def _item_rows(self, item: Scheduled) -> tuple[int, list[int], torch.Tensor, int]:
+        """A plan item's first position, its tokens (the scheduled ones, then its drafts), its
+        request's cache-slot table, and how many of its last rows give logits: a prompt chunk's
+        last row once the prompt is done, none before; every row of a decode."""
+        r = item.request
+        start = r.num_computed_tokens
+        tokens = r.tokens(start, start + item.num_tokens) + item.drafts
+        n = len(tokens)
+        held = self.slots_of(r)
+        if start + n > len(held):
+            raise ValueError(f"request {r.request_id}: position {start + n - 1} is beyond its "
+                             f"{len(held)} cache slots")
+        if not r.in_prefill:
+            return start, tokens, held, n
+        return start, tokens, held, 1 if start + n == len(r.prompt_ids) else 0
+
     def build(self, plan: list[Scheduled]) -> tuple[ForwardBatch, list[tuple[int, int]]]:
         """Return the batch and, per plan item, its (first, count) range in the logits."""
         ids: list[int] = []
@@ -226,34 +249,21 @@ class Runner:
         logit_rows: list[int] = []
         ranges: list[tuple[int, int]] = []
         for item in plan:
-            r = item.request
-            start = r.num_computed_tokens
-            tokens = r.tokens(start, start + item.num_tokens) + item.drafts
+            start, tokens, held, wanted = self._item_rows(item)
             n = len(tokens)
             row0 = len(ids)
             ids += tokens
             pos += range(start, start + n)
-            held = self.slots_of(r)
-            if start + n > len(held):
-                raise ValueError(f"request {r.request_id}: position {start + n - 1} is beyond its "
-                                 f"{len(held)} cache slots")
             slots.append(held[start:start + n])
             kv_slots = held[:start + n]
-            prefill = r.in_prefill
+            prefill = item.request.in_prefill
             mask = None
             if prefill:
                 q_pos = torch.arange(start, start + n)[:, None]
                 mask = torch.arange(start + n)[None, :] <= q_pos
             segments.append(Segment(row0, n, start, kv_slots, prefill, mask))
-            if prefill:
-                if start + n == len(r.prompt_ids):
-                    ranges.append((len(logit_rows), 1))
-                    logit_rows.append(row0 + n - 1)
-                else:
-                    ranges.append((len(logit_rows), 0))
-            else:
-                ranges.append((len(logit_rows), n))
-                logit_rows += range(row0, row0 + n)
+            ranges.append((len(logit_rows), wanted))
+            logit_rows += range(row0 + n - wanted, row0 + n)
         real = len(ids)
         total = self.padded(real)
         ids += [0] * (total - real)
@@ -274,14 +284,51 @@ class Runner:
         )
         return batch.to(self.device), ranges
 
+    def build_native(self, plan: list[Scheduled]) -> tuple[NativeRows, list[tuple[int, int]]]:
+        """`build` for a model whose passes run in one native call: the per-row values in one
+        int64 array the kernels read in place (no padding: their rows do not depend on the
+        batch), and per plan item its (first, count) range in the logits."""
+        ids: list[int] = []
+        pos: list[int] = []
+        offsets: list[int] = []
+        lengths: list[int] = []
+        slots: list[torch.Tensor] = []
+        kv_slots: list[torch.Tensor] = []
+        logit_rows: list[int] = []
+        ranges: list[tuple[int, int]] = []
+        keys = 0  # kv_slots so far
+        for item in plan:
+            start, tokens, held, wanted = self._item_rows(item)
+            n = len(tokens)
+            ranges.append((len(logit_rows), wanted))
+            logit_rows += range(len(ids) + n - wanted, len(ids) + n)
+            ids += tokens
+            pos += range(start, start + n)
+            offsets += [keys] * n
+            lengths += range(start + 1, start + n + 1)
+            keys += start + n
+            slots.append(held[start:start + n])
+            kv_slots.append(held[:start + n])
+        rows = NativeRows(array("q", ids + pos + offsets + lengths), len(ids),
+                          slots[0] if len(slots) == 1 else torch.cat(slots),
+                          kv_slots[0] if len(kv_slots) == 1 else torch.cat(kv_slots),
+                          None if len(logit_rows) == len(ids) else logit_rows,
+                          not any(item.request.in_prefill for item in plan))
+        return rows, ranges
+
     def run(self, plan: list[Scheduled], taps: tuple[int, ...] = ()
             ) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor | None]:
         """One pass: the logits of the plan's logit rows, each item's (first, count) range in
         them and, with `taps`, the residual stream after those blocks at the same rows (what a
         draft head reads; None without taps)."""
-        batch, ranges = self.build(plan)
-        rows = len(batch.input_ids)
-        decode = all(not s.is_prefill for s in batch.segments)
+        native = self.model.one_call
+        if native:
+            laid, ranges = self.build_native(plan)
+            rows, decode, num_logits = laid.rows, laid.decode, laid.num_logits
+        else:
+            batch, ranges = self.build(plan)
+            rows, num_logits = len(batch.input_ids), len(batch.logit_rows)
+            decode = all(not s.is_prefill for s in batch.segments)
         threads = self.threads.pick(rows) if self.threads is not None and decode else self.fixed_threads
         torch_threads = torch.get_num_threads()
         # On the native kernels the kernels' own thread pool does a pass's work: torch runs on
@@ -294,15 +341,16 @@ class Runner:
             torch.set_num_threads(threads)
         if quiet:
             torch.set_num_threads(1)
-        argmax = torch.empty(len(batch.logit_rows), dtype=torch.long) if self.model.fuses_argmax else None
+        argmax = torch.empty(num_logits, dtype=torch.long) if self.model.fuses_argmax else None
         self.greedy = None
         t0 = time.perf_counter()
         try:
-            out = self.model(batch, self.cache, taps, argmax)
+            out = (self.model.forward_rows(laid, self.cache, taps, argmax) if native
+                   else self.model(batch, self.cache, taps, argmax))
             logits, features = out if taps else (out, None)
-            # float32 on the CPU for sampling: on a GPU this copy is the pass's one host sync
-            logits = logits.float().cpu()
-            features = None if features is None else features.float().cpu()
+            if not native:  # float32 on the CPU for sampling: on a GPU this copy is the pass's one host sync
+                logits = logits.float().cpu()
+                features = None if features is None else features.float().cpu()
         finally:
             if quiet:
                 torch.set_num_threads(torch_threads)

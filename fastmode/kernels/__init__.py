@@ -7,6 +7,7 @@ ctypes. Without a compiler, `load()` returns None and the model runs its float w
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import logging
@@ -159,6 +160,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.fm_blocks.restype = ctypes.c_int
     lib.fm_blocks.argtypes = [ptr, i64, ptr, ctypes.c_float, ctypes.c_float, ptr, i64, ptr, ptr, ptr, ptr, i64,
                               ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.fm_embed_rows.restype = ctypes.c_int
+    lib.fm_embed_rows.argtypes = [ptr, i64, i64, ptr, i64, ptr]
     lib.fm_argmax_rows.restype = None
     lib.fm_argmax_rows.argtypes = [ptr, i64, i64, i64, ptr]
     lib.fm_has_avx2.restype = lib.fm_has_avx512.restype = lib.fm_has_vnni512.restype = ctypes.c_int
@@ -314,28 +317,45 @@ def layer_table(layers: list[dict[str, torch.Tensor | int | None]]) -> torch.Ten
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def embed_rows(lib: ctypes.CDLL, table: torch.Tensor, ints: array.array, rows: int) -> torch.Tensor:
+    """The pass's input rows [rows, hidden]: the rows of `table` (float32 [vocab, hidden]) at the
+    token ids `ints[:rows]` (an int64 array, as `blocks` reads it)."""
+    if not (table.dtype == torch.float32 and table.dim() == 2 and table.is_contiguous() and table.device.type == "cpu"
+            and ints.typecode == "q" and 0 < rows <= len(ints)):
+        raise KernelError("embed_rows: a contiguous float32 table and int64 ids are needed")
+    x = torch.empty(rows, table.shape[1], dtype=torch.float32)
+    if lib.fm_embed_rows(table.data_ptr(), table.shape[0], table.shape[1], ints.buffer_info()[0], rows, x.data_ptr()):
+        raise KernelError(f"embed_rows: a token id outside the vocabulary of {table.shape[0]}")
+    return x
+
+
 def blocks(lib: ctypes.CDLL, table: torch.Tensor, dims: torch.Tensor, eps: float, scale: float, x: torch.Tensor,
-           cos: torch.Tensor, signed_sin: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, num_real: int,
-           k_cache: torch.Tensor, v_cache: torch.Tensor, kv_slots: torch.Tensor, offsets: torch.Tensor,
-           lengths: torch.Tensor) -> None:
-    """Every transformer block of one pass in one call (fm_blocks), x [T, hidden] updated in place.
+           cos: torch.Tensor, signed_sin: torch.Tensor, ints: array.array, slots: torch.Tensor, kv_slots: torch.Tensor,
+           k_cache: torch.Tensor, v_cache: torch.Tensor, first: int = 0, last: int | None = None) -> None:
+    """Transformer blocks [first, last) (default: all) of one pass in one call (fm_blocks), x
+    [T, hidden] updated in place.
 
     `table` from `layer_table`; `dims` int64 [hidden, heads, kv_heads, head_dim, intermediate,
-    max_position, num_slots]; caches [layers, num_slots, kv_heads, head_dim] KV_DTYPE; row t's K/V go to
-    slots[t] (t < num_real) and it attends to lengths[t] keys at kv_slots[offsets[t]:]."""
+    max_position, num_slots]; caches [layers, num_slots, kv_heads, head_dim] KV_DTYPE. `ints`
+    (array of int64, 4 T values: the rows' token ids, positions, key offsets and key counts, as
+    the runner lays them out) is read in place: row t is at its position, its K/V go to slots[t],
+    and it attends to counts[t] keys at kv_slots[offsets[t]:]."""
     t = x.shape[0]
-    longs = (positions, slots, kv_slots, offsets, lengths)
+    layers = table.shape[0]
+    last = layers if last is None else last
     if not (x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == int(dims[0])
-            and all(a.dtype == torch.int64 and a.is_contiguous() for a in longs)
-            and len(positions) >= t and len(offsets) >= t and len(lengths) >= t and len(slots) >= num_real
-            and k_cache.dtype == v_cache.dtype == KV_DTYPE
+            and ints.typecode == "q" and len(ints) >= 4 * t and 0 <= first < last <= layers
+            and slots.dtype == kv_slots.dtype == torch.int64 and slots.is_contiguous() and kv_slots.is_contiguous()
+            and len(slots) >= t and k_cache.dtype == v_cache.dtype == KV_DTYPE
             and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
-            and table.dim() == 2 and table.shape[1] == LAYER_FIELDS
-            and k_cache.shape[0] == table.shape[0] and k_cache.shape[1] == int(dims[6])):
+            and table.dtype == torch.int64 and table.dim() == 2 and table.shape[1] == LAYER_FIELDS
+            and table.is_contiguous()
+            and k_cache.shape[0] == layers and k_cache.shape[1] == int(dims[6])):
         raise KernelError("blocks: tensors of the wrong type or shape")
-    rc = lib.fm_blocks(table.data_ptr(), table.shape[0], dims.data_ptr(), eps, scale, x.data_ptr(), t,
-                       cos.data_ptr(), signed_sin.data_ptr(), positions.data_ptr(), slots.data_ptr(), num_real,
-                       k_cache.data_ptr(), v_cache.data_ptr(), kv_slots.data_ptr(), len(kv_slots),
-                       offsets.data_ptr(), lengths.data_ptr(), threads())
+    at, layer = ints.buffer_info()[0], k_cache.stride(0) * k_cache.element_size()
+    rc = lib.fm_blocks(table.data_ptr() + first * LAYER_FIELDS * 8, last - first, dims.data_ptr(), eps, scale,
+                       x.data_ptr(), t, cos.data_ptr(), signed_sin.data_ptr(), at + 8 * t, slots.data_ptr(), t,
+                       k_cache.data_ptr() + first * layer, v_cache.data_ptr() + first * layer, kv_slots.data_ptr(),
+                       len(kv_slots), at + 16 * t, at + 24 * t, threads())
     if rc != 0:
         raise KernelError(f"fm_blocks failed ({rc})" + (": a position or cache slot out of range" if rc == -1 else ""))

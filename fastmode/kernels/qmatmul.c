@@ -1428,6 +1428,15 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
     return rc;
 }
 
+/* x[t] = table[ids[t]] for t < rows (rows of `hidden` floats): a pass's input rows, copied from the
+ * embedding without a torch call; -1 (nothing written) if an id is not below `vocab`. */
+int fm_embed_rows(const float *table, int64_t vocab, int64_t hidden, const int64_t *ids, int64_t rows, float *x) {
+    for (int64_t t = 0; t < rows; t++)
+        if (ids[t] < 0 || ids[t] >= vocab) return -1;
+    for (int64_t t = 0; t < rows; t++) memcpy(x + t * hidden, table + ids[t] * hidden, (size_t)hidden * sizeof(float));
+    return 0;
+}
+
 /* The index of the largest of row[0..n), the first one where several are equal, or of the
  * first NaN if there is one: torch.argmax's answer, in one vector pass (per lane its largest
  * value and where it first was). */

@@ -1,6 +1,7 @@
 """The tensors one forward pass needs: flat token rows, cache slots, attention segments."""
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, replace
 
 import torch
@@ -60,3 +61,23 @@ class ForwardBatch:
                             self.num_real, [seg.to(device) for seg in self.segments], self.logit_rows.to(device),
                             None if self.decode is None else DecodeRows(*(t.to(device) for t in self.decode.tensors)),
                             self.every_row)
+
+
+@dataclass
+class NativeRows:
+    """A pass on the native kernels, as they read it: no torch tensors for the per-row values.
+
+    `ints` holds `rows` int64 values four times over: the rows' token ids, their positions,
+    where each row's keys start in `kv_slots` and how many it attends to (row j of a request
+    attends to its first start_pos + j + 1 positions, so prefill rows are causal too)."""
+
+    ints: array.array  # typecode "q", 4 * rows values
+    rows: int
+    slots: torch.Tensor  # [rows] int64: the cache slot each row's K/V go to
+    kv_slots: torch.Tensor  # int64: each request's key slots, back to back
+    logit_rows: list[int] | None  # the rows whose logits are wanted, in order (None: every row)
+    decode: bool  # no prefill rows (the thread chooser times these passes)
+
+    @property
+    def num_logits(self) -> int:
+        return self.rows if self.logit_rows is None else len(self.logit_rows)

@@ -9,7 +9,7 @@ from torch import nn
 
 from fastmode import kernels
 from fastmode.config import ModelArch
-from fastmode.model.batch import ForwardBatch
+from fastmode.model.batch import ForwardBatch, NativeRows
 from fastmode.model.kv_cache import KVCache
 
 
@@ -239,37 +239,61 @@ class Llama(nn.Module):
         head on the native kernels)."""
         return isinstance(self.lm_head, QLinear) and self.lm_head.bias is None
 
+    @property
+    def one_call(self) -> bool:
+        """Whether passes run every block in one native call (`forward_rows`); else `forward`."""
+        return self.native and self._table is not None and self._dims is not None
+
+    def forward_rows(self, rows: NativeRows, cache: KVCache, taps: tuple[int, ...] = (),
+                     argmax: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on the native kernels for a pass the runner laid out as NativeRows: the
+        embedding rows, every block in one kernel call (one per tap) and the head, with no
+        torch op per row. Returns logits for `rows.logit_rows` (none: an empty tensor, the head
+        is not run) and, with `taps`, the residual stream after those blocks at those rows."""
+        if not self.one_call:
+            raise ValueError("forward_rows needs a model on the native kernels (use_native)")
+        lib = kernels.load()
+        assert lib is not None and self._table is not None and self._dims is not None
+        if self._num_slots != cache.k.shape[1]:
+            self._num_slots = self._dims[6] = cache.k.shape[1]
+        x = kernels.embed_rows(lib, self.embed.weight, rows.ints, rows.rows)
+        picked = None if rows.logit_rows is None else torch.tensor(rows.logit_rows, dtype=torch.long)
+        tapped: list[torch.Tensor] = []
+        start = 0
+        for end in dict.fromkeys([*(t + 1 for t in taps), len(self.blocks)]):
+            if end > start:
+                kernels.blocks(lib, self._table, self._dims, self._eps, self._scale, x, self.rope.cos,
+                               self.rope.signed_sin, rows.ints, rows.slots, rows.kv_slots, cache.k, cache.v, start, end)
+            if end - 1 in taps:
+                tapped.append(x.clone() if picked is None else x[picked])
+            start = end
+        head_in = x if picked is None else x[picked]
+        if len(head_in) == 0:  # a prompt chunk short of the prompt's end: no logits wanted
+            logits = torch.empty(0, self.arch.vocab_size)
+        elif isinstance(self.lm_head, QLinear):  # the final norm fused into the head
+            logits = self.lm_head.run(head_in, kernels.PRO_RMSNORM, self.norm, argmax=argmax)
+        else:
+            logits = self.lm_head(self.norm(head_in))
+        return (logits, torch.stack(tapped, dim=1)) if taps else logits
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache, taps: tuple[int, ...] = (),
                 argmax: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the batch; return logits for `batch.logit_rows`: [len(logit_rows), vocab]. With
         `taps` (block indices, ascending), also the residual stream after each of those blocks
         at the logit rows: (logits, [len(logit_rows), len(taps), hidden]). With `argmax` (int64
-        [len(logit_rows)]; only where `fuses_argmax`), each logit row's argmax is written into it."""
+        [len(logit_rows)]; only where `fuses_argmax`), each logit row's argmax is written into it.
+        On the native kernels this is the block-by-block path (the runner uses `forward_rows`)."""
         if argmax is not None and not self.fuses_argmax:
             raise ValueError("this model's head cannot give the logits' argmax")
         x = torch.index_select(self.embed.weight, 0, batch.input_ids)  # [T, hidden]
         lib = kernels.load() if self.native else None
         tapped: list[torch.Tensor] = []
-        if lib is not None and batch.decode is not None and self._table is not None and self._dims is not None:
-            # every block of the pass in one native call (one per tap)
-            if self._num_slots != cache.k.shape[1]:
-                self._num_slots = self._dims[6] = cache.k.shape[1]
-            start = 0
-            for end in dict.fromkeys([*(t + 1 for t in taps), len(self.blocks)]):
-                if end > start:
-                    kernels.blocks(lib, self._table[start:end], self._dims, self._eps, self._scale, x,
-                                   self.rope.cos, self.rope.signed_sin, batch.positions, batch.slot_mapping,
-                                   batch.num_real, cache.k[start:end], cache.v[start:end], *batch.decode.tensors)
-                if end - 1 in taps:
-                    tapped.append(x[batch.logit_rows])
-                start = end
-        else:
-            rope = None if lib is not None else self.rope.tables(batch.positions)
-            for i, block in enumerate(self.blocks):
-                x = block.forward_native(x, self.rope, batch, cache, lib) if lib is not None else block(x, rope, batch, cache)
-                if i in taps:
-                    tapped.append(x[batch.logit_rows])
+        rope = None if lib is not None else self.rope.tables(batch.positions)
+        for i, block in enumerate(self.blocks):
+            x = block.forward_native(x, self.rope, batch, cache, lib) if lib is not None else block(x, rope, batch, cache)
+            if i in taps:
+                tapped.append(x[batch.logit_rows])
         if isinstance(self.lm_head, QLinear):  # the final norm fused into the head, on the native kernel
             logits = self.lm_head.run(x if batch.every_row else x[batch.logit_rows], kernels.PRO_RMSNORM, self.norm,
                                       argmax=argmax)
