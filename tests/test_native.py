@@ -244,6 +244,33 @@ def test_one_call_blocks_equal_the_layer_by_layer_path(make_q4_engine):
     assert torch.equal(one_call, layered)
 
 
+def test_one_call_taps_equal_the_layer_by_layer_taps(make_q4_engine):
+    """With taps (what the draft head reads) a native pass runs its blocks in one call per tap
+    range, reading layers by pointer: the tapped states and logits equal the layer-by-layer
+    path's bit for bit (a decode pass with drafts)."""
+    prompt = test_engine.prompts(1, seed=14)[0][:30]
+
+    def tapped_pass(engine):
+        engine.add("probe", prompt, test_engine.SamplingParams(max_tokens=20), test_engine.Lane.STANDARD, lambda d: None)
+        engine.step()
+        req = engine.requests["probe"]
+        logits, ranges, features = engine.runner.run([test_engine.Scheduled(req, 1, [5, 17, 99])], taps=(0, 1))
+        return logits, ranges, features
+
+    engine = make_q4_engine()
+    assert engine.model.one_call
+    one_call = tapped_pass(engine)
+    table = engine.model._table
+    try:
+        engine.model._table = None  # the layer-by-layer path
+        layered = tapped_pass(make_q4_engine())
+    finally:
+        engine.model._table = table
+    assert one_call[1] == layered[1] == [(0, 4)]
+    assert one_call[2].shape == (4, 2, engine.model.arch.hidden_size)
+    assert torch.equal(one_call[0], layered[0]) and torch.equal(one_call[2], layered[2])
+
+
 def test_one_call_blocks_refuse_key_slots_out_of_range(make_q4_engine):
     engine = make_q4_engine()
     model, cache = engine.model, engine.cache
