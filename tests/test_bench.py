@@ -109,6 +109,39 @@ def test_bench_compare_runs_every_contender_in_process_and_writes_a_page(tmp_pat
     assert "3 streams at once" in text and "could reach at most" in text
 
 
+def test_compare_runs_each_other_drafting_setting_on_an_engine_of_its_own(tiny, monkeypatch):
+    """The fast lane without the corpus (or with the head) is a server of its own: its passes and
+    drafts must not train the default engine's pass-cost line, thread chooser and policies."""
+    import dataclasses
+
+    from fastmode.bench import compare
+    from fastmode.engine import engine as engine_module
+    from fastmode.engine.corpus import DraftCorpus
+    from fastmode.weights import registry
+
+    with_corpus = dataclasses.replace(tiny, draft_corpus=DraftCorpus.from_answers([[5, 6, 7, 8]] * 3))
+    monkeypatch.setattr(registry, "load_model", lambda *a, **k: with_corpus)
+    made: list = []
+
+    class Recorded(engine_module.Engine):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(engine_module, "Engine", Recorded)
+    threads = torch.get_num_threads()
+    try:
+        lanes, _, _, _ = compare.fastmode_contenders("tiny-random", 1, native=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(lanes) == {"fastmode standard", "fastmode fast", "fastmode fast without corpus"}
+    default, other = made
+    assert default.corpus is not None and other.corpus is None
+    out = list(lanes["fastmode fast without corpus"]([1, 2, 3, 4], 8))
+    assert out and default.stats["steps"] == 0 and other.stats["steps"] > 0
+    assert list(lanes["fastmode fast"]([1, 2, 3, 4], 8)) == out and default.stats["steps"] > 0
+
+
 def test_draft_replay_reads_a_compare_report(tmp_path, capsys):
     """scripts/draft_replay.py on a real report: the run's own outputs, workload and pass times."""
     from test_draft_replay import replay_mod

@@ -94,8 +94,12 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
     from fastmode.weights.registry import load_model
 
     loaded = load_model(model_name, native_kernels=native)
-    engine = Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384, device=device, dtype=dtype),
-                    loaded.tokenizer.eos_ids, draft_head=loaded.draft_head, draft_corpus=loaded.draft_corpus)
+
+    def make_engine() -> Engine:
+        return Engine(loaded.model, EngineConfig(num_threads=threads, kv_cache_tokens=16384, device=device, dtype=dtype),
+                      loaded.tokenizer.eos_ids, draft_head=loaded.draft_head, draft_corpus=loaded.draft_corpus)
+
+    engine = make_engine()
     torch.set_num_threads(threads or torch.get_num_threads())
 
     default_head, default_corpus = engine.drafter is not None, engine.corpus is not None
@@ -103,29 +107,32 @@ def fastmode_contenders(model_name: str, threads: int, native: bool, suffix: str
         loaded.draft_corpus.index()  # measured with its index built (the engine builds it in the background)
 
     def lane(which: Lane, head: bool | None = None, corpus: bool | None = None) -> Generate:
-        """`head`, `corpus`: draft with the model's draft head / corpus or not, for this
-        contender only."""
+        """`head`, `corpus`: the fast lane drafting with the model's draft head / corpus or not.
+        Such a contender runs an engine of its own (the same weights), as a server with that
+        setting would: sharing the default engine, its passes (slower with the head's taps) and
+        its drafts' outcomes trained the default fast lane's pass-cost line, thread chooser and
+        draft policies."""
+        own = engine
+        if head is not None or corpus is not None:
+            own = make_engine()
+            if head is not None:
+                own.use_draft_head(head)
+            if corpus is not None:
+                own.use_draft_corpus(corpus)
+
         def generate(ids: list[int], max_tokens: int) -> Iterator[int]:
             got: list[int] = []
             done: list[bool] = []
-            if head is not None:  # one request at a time: the switch is its own
-                engine.use_draft_head(head)
-            if corpus is not None:
-                engine.use_draft_corpus(corpus)
-            engine.add(f"cmp-{time.monotonic_ns()}", ids, SamplingParams(max_tokens=max_tokens), which,
-                       lambda d: (got.extend(d.token_ids), d.status.finished and done.append(True)))
+            own.add(f"cmp-{time.monotonic_ns()}", ids, SamplingParams(max_tokens=max_tokens), which,
+                    lambda d: (got.extend(d.token_ids), d.status.finished and done.append(True)))
             sent = 0
-            try:
-                while True:
-                    engine.step()
-                    while sent < len(got):
-                        yield got[sent]
-                        sent += 1
-                    if done:
-                        return
-            finally:
-                engine.use_draft_head(default_head)
-                engine.use_draft_corpus(default_corpus)
+            while True:
+                own.step()
+                while sent < len(got):
+                    yield got[sent]
+                    sent += 1
+                if done:
+                    return
         return generate
 
     def many(prompts: list[list[int]], max_tokens: int) -> float:
@@ -499,7 +506,8 @@ PAGE_HEAD = """# Benchmarks
 Regenerate with `.venv/bin/fastmode bench --compare --native-kernels on --repeats 2 --page
 docs/benchmarks.md`: fastmode on its native kernels (the server's default) in both lanes, and
 its fast lane with the model's draft corpus and, separately, its trained draft head switched
-the other way (the corpus off: it is on by default; the head on: it is off by default);
+the other way (the corpus off: it is on by default; the head on: it is off by default), each
+such setting on an engine of its own over the same weights, as a server with it would run;
 `--native-kernels both` adds float32 weights in torch, each in both lanes;
 llama.cpp with and without prompt lookup when `llama-cpp-python` is installed in the same
 environment, and Hugging Face transformers (greedy and prompt lookup) when `transformers`,
