@@ -93,7 +93,8 @@ class ThreadChooser:
         recent.append(seconds)
         self.seconds[(threads, rows)] = min(recent)
         known = {t: self.seconds[(t, rows)] for t in self.options if (t, rows) in self.seconds}
-        self.best[rows] = min(known, key=known.__getitem__)
+        if known:
+            self.best[rows] = min(known, key=known.__getitem__)
         if len(known) == len(self.options):
             self.complete.add(rows)
 

@@ -247,7 +247,7 @@ class Llama(nn.Module):
     def forward_rows(self, rows: NativeRows, cache: KVCache, taps: tuple[int, ...] = (),
                      argmax: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`forward` on the native kernels for a pass the runner laid out as NativeRows: the
-        embedding rows, every block in one kernel call (one per tap) and the head, with no
+        embedding rows, every block in one kernel call (one per tap range) and the head, with no
         torch op per row. Returns logits for `rows.logit_rows` (none: an empty tensor, the head
         is not run) and, with `taps`, the residual stream after those blocks at those rows."""
         if not self.one_call:
@@ -273,7 +273,8 @@ class Llama(nn.Module):
         elif isinstance(self.lm_head, QLinear):  # the final norm fused into the head
             logits = self.lm_head.run(head_in, kernels.PRO_RMSNORM, self.norm, argmax=argmax)
         else:
-            logits = self.lm_head(self.norm(head_in))
+            with torch.no_grad():  # a float head (the blocks' weights quantized, the head's not)
+                logits = self.lm_head(self.norm(head_in))
         return (logits, torch.stack(tapped, dim=1)) if taps else logits
 
     @torch.inference_mode()
