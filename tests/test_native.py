@@ -271,18 +271,23 @@ def test_one_call_taps_equal_the_layer_by_layer_taps(make_q4_engine):
     assert torch.equal(one_call[0], layered[0]) and torch.equal(one_call[2], layered[2])
 
 
-def test_one_call_blocks_refuse_key_slots_out_of_range(make_q4_engine):
+def test_one_call_blocks_refuse_slots_and_positions_out_of_range(make_q4_engine):
     engine = make_q4_engine()
     model, cache = engine.model, engine.cache
     lib = kernels.load()
     x = torch.randn(2, model.arch.hidden_size)
     model._dims[6] = cache.k.shape[1]
     before, k_before = x.clone(), cache.k.clone()
-    for kv_slots, lengths in ((torch.tensor([0, cache.k.shape[1]]), [1, 1]), (torch.tensor([0, 1]), [3, 3])):
-        ints = array("q", [5, 6] + [0, 1] + [0, 0] + lengths)  # ids, positions, key offsets, key counts
+    far = model.rope.cos.shape[0]  # the first position past the rope tables
+    cases = (([0, 1], [0, cache.k.shape[1]], [1, 1], [0, 1]),  # a key slot out of range
+             ([0, 1], [0, 1], [3, 3], [0, 1]),                 # more keys than slots
+             ([0, far], [0, 1], [1, 2], [0, 1]),               # a position past the tables
+             ([0, 1], [0, 1], [1, 2], [0, cache.k.shape[1]]))  # a row's own cache slot out of range
+    for positions, kv_slots, lengths, slots in cases:
+        ints = array("q", [5, 6] + positions + [0, 0] + lengths)  # ids, positions, key offsets, key counts
         with pytest.raises(kernels.KernelError, match="out of range"):
             kernels.blocks(lib, model._table, model._dims, 1e-5, 0.125, x, model.rope.cos, model.rope.signed_sin,
-                           ints, torch.tensor([0, 1]), kv_slots, cache.k, cache.v)
+                           ints, torch.tensor(slots), torch.tensor(kv_slots), cache.k, cache.v)
     assert torch.equal(x, before) and torch.equal(cache.k, k_before)  # nothing written
     with pytest.raises(kernels.KernelError, match="outside the vocabulary"):
         kernels.embed_rows(lib, model.embed.weight, array("q", [1, model.arch.vocab_size]), 2)
@@ -349,6 +354,15 @@ def test_a_quantized_model_with_qkv_bias_runs_native_and_matches_its_float_twin(
     a, _ = test_engine._verify_vs_sequential(Engine(native, small_engine_config(), []), prompt)
     b, _ = test_engine._verify_vs_sequential(Engine(twin, small_engine_config(), []), prompt)
     assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.99
+    # the one-call pass adds the biases (its threads sharing the heads) as the layer-by-layer path does
+    assert native.one_call
+    table = native._table
+    try:
+        native._table = None
+        layered, _ = test_engine._verify_vs_sequential(Engine(native, small_engine_config(), []), prompt)
+    finally:
+        native._table = table
+    assert torch.equal(a, layered)
 
 
 def test_thread_chooser_follows_the_measurements():

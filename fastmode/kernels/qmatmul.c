@@ -960,6 +960,48 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
     return rc;
 }
 
+/* Whether every row's position is below max_position and each of the first num_real rows' cache
+ * slot below num_slots (what fm_rope_store and fm_blocks check before writing anything). */
+static int rope_args_ok(int64_t T, const int64_t *positions, int64_t max_position, const int64_t *slots,
+                        int64_t num_real, int64_t num_slots) {
+    for (int64_t t = 0; t < T; t++)
+        if (positions[t] < 0 || positions[t] >= max_position || (t < num_real && (slots[t] < 0 || slots[t] >= num_slots)))
+            return 0;
+    return 1;
+}
+
+/* The heads [u0, u1) of the pass, counted row by row (row t's q heads, then its k heads, then its v
+ * heads): each one's bias added (with `bias`), a q or k head rotated at its row's position, a k
+ * or v head of one of the first num_real rows stored at the row's cache slot. Heads are apart,
+ * so any split of them between threads gives the same results. */
+static void rope_store_heads(float *qkv, int64_t heads, int64_t kv_heads, int64_t head_dim, const float *bias,
+                             const float *cos, const float *ssin, const int64_t *positions, const int64_t *slots,
+                             int64_t num_real, uint16_t *kc, uint16_t *vc, int64_t u0, int64_t u1) {
+    const int64_t per_row = heads + 2 * kv_heads, width = per_row * head_dim, half = head_dim / 2;
+    const int64_t kv_width = kv_heads * head_dim;
+    float tmp[1024];
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t t = u / per_row, h = u % per_row;
+        float *x = qkv + t * width + h * head_dim;
+        if (bias)
+            for (int64_t e = 0; e < head_dim; e++) x[e] += bias[h * head_dim + e];
+        if (h < heads + kv_heads) {
+            const float *c = cos + positions[t] * head_dim, *s = ssin + positions[t] * head_dim;
+            for (int64_t e = 0; e < half; e++) {
+                tmp[e] = x[e] * c[e] + x[e + half] * s[e];
+                tmp[e + half] = x[e + half] * c[e + half] + x[e] * s[e + half];
+            }
+            memcpy(x, tmp, (size_t)head_dim * sizeof(float));
+        }
+        if (h >= heads && t < num_real) {
+            const int64_t g = h - heads; /* k heads 0 .. kv_heads - 1, then the v heads */
+            uint16_t *dst = g < kv_heads ? kc + slots[t] * kv_width + g * head_dim
+                                         : vc + slots[t] * kv_width + (g - kv_heads) * head_dim;
+            store_half(dst, x, head_dim);
+        }
+    }
+}
+
 /* Rotary embedding and the KV cache write for one layer, in place on the qkv projection.
  * qkv: [T, (heads + 2 kv_heads) * head_dim] rows (q heads, k heads, v heads); the q and k heads
  * of row t are rotated at positions[t] (rotate-half layout: x * cos + swap_halves(x) * ssin,
@@ -969,30 +1011,10 @@ int fm_linear(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, 
 int fm_rope_store(float *qkv, int64_t T, int64_t heads, int64_t kv_heads, int64_t head_dim,
                   const float *cos, const float *ssin, int64_t max_position, const int64_t *positions,
                   const int64_t *slots, int64_t num_real, uint16_t *kc, uint16_t *vc, int64_t num_slots) {
-    if (head_dim % 2 != 0) return -1;
-    for (int64_t t = 0; t < T; t++)
-        if (positions[t] < 0 || positions[t] >= max_position || (t < num_real && (slots[t] < 0 || slots[t] >= num_slots)))
-            return -1;
-    const int64_t width = (heads + 2 * kv_heads) * head_dim, half = head_dim / 2;
-    const int64_t kv_width = kv_heads * head_dim;
-    float tmp[1024];
-    if (head_dim > 1024) return -1;
-    for (int64_t t = 0; t < T; t++) {
-        float *row = qkv + t * width;
-        const float *c = cos + positions[t] * head_dim, *s = ssin + positions[t] * head_dim;
-        for (int64_t h = 0; h < heads + kv_heads; h++) {
-            float *x = row + h * head_dim;
-            for (int64_t e = 0; e < half; e++) {
-                tmp[e] = x[e] * c[e] + x[e + half] * s[e];
-                tmp[e + half] = x[e + half] * c[e + half] + x[e] * s[e + half];
-            }
-            memcpy(x, tmp, (size_t)head_dim * sizeof(float));
-        }
-        if (t < num_real) {
-            store_half(kc + slots[t] * kv_width, row + heads * head_dim, kv_width);
-            store_half(vc + slots[t] * kv_width, row + (heads + kv_heads) * head_dim, kv_width);
-        }
-    }
+    if (head_dim % 2 != 0 || head_dim > 1024) return -1;
+    if (!rope_args_ok(T, positions, max_position, slots, num_real, num_slots)) return -1;
+    rope_store_heads(qkv, heads, kv_heads, head_dim, NULL, cos, ssin, positions, slots, num_real, kc, vc, 0,
+                     T * (heads + 2 * kv_heads));
     return 0;
 }
 
@@ -1323,8 +1345,8 @@ int fm_attn_rows(const float *q, int64_t q_stride, const uint16_t *k, const uint
  * (pointers), their ggml types, the two norm weights (pointers) and the qkv bias (0: none).
  * dims: hidden, heads, kv_heads, head_dim, intermediate, max_position, num_slots.
  * kc, vc: the caches [num_layers][num_slots][kv_heads][head_dim], f16; kv_slots [num_kv]. x [T, hidden]
- * is updated in place. Returns 0, -1 (writing nothing) for a key slot or range out of bounds, or
- * the first failing call's code. */
+ * is updated in place. Returns 0, -1 (writing nothing) for a key slot or range, a position or a
+ * row's cache slot out of bounds, or -2 when out of memory. */
 enum { FM_QKV_W, FM_O_W, FM_GU_W, FM_DOWN_W, FM_QKV_T, FM_O_T, FM_GU_T, FM_DOWN_T, FM_ATTN_NORM, FM_MLP_NORM,
        FM_QKV_BIAS, FM_LAYER_FIELDS };
 
@@ -1342,7 +1364,6 @@ typedef struct {
     float *qkv, *att, *gu, *sum, *tmp, *scores;
     uint8_t *xbuf;
     int8_t *xw;
-    int rc; /* written by thread 0 only, read by all after a barrier */
 } blocks_job;
 
 /* Every layer of the pass, by each thread of the team: the steps in order, a barrier after each. */
@@ -1354,17 +1375,13 @@ static void run_blocks(void *ctx, int tid, int nth) {
         uint16_t *kl = j->kc + l * j->cache_stride, *vl = j->vc + l * j->cache_stride;
         linear_team(tid, nth, (int)L[FM_QKV_T], (const uint8_t *)L[FM_QKV_W], nqkv, H, j->x, T, j->qkv, PRO_RMSNORM,
                     (const float *)L[FM_ATTN_NORM], j->eps, 0, j->xbuf, j->xw, NULL, j->tmp, j->widest);
-        if (tid == 0) {
-            if (L[FM_QKV_BIAS]) {
-                const float *b = (const float *)L[FM_QKV_BIAS];
-                for (int64_t t = 0; t < T; t++)
-                    for (int64_t n = 0; n < nqkv; n++) j->qkv[t * nqkv + n] += b[n];
-            }
-            j->rc = fm_rope_store(j->qkv, T, heads, j->kv_heads, hd, j->cos, j->ssin, j->max_position, j->positions,
-                                  j->slots, j->num_real, kl, vl, j->num_slots);
-        }
-        team_barrier(nth); /* every thread now sees the same rc */
-        if (j->rc != 0) return;
+        /* bias, rope and the cache write, the heads shared between the threads (fm_blocks has
+         * checked the positions and slots) */
+        int64_t u0, u1;
+        share(T * (heads + 2 * j->kv_heads), tid, nth, &u0, &u1);
+        rope_store_heads(j->qkv, heads, j->kv_heads, hd, (const float *)L[FM_QKV_BIAS], j->cos, j->ssin, j->positions,
+                         j->slots, j->num_real, kl, vl, u0, u1);
+        team_barrier(nth);
         /* the next layer's keys, or after the last layer the first one's, for the next pass */
         const int64_t next_layer = (l + 1 < j->num_layers ? 1 : 1 - j->num_layers) * j->cache_stride;
         attn_team(tid, nth, j->qkv, nqkv, kl, vl, j->kv_slots, j->offsets, j->lengths, T, heads, j->kv_heads, hd,
@@ -1387,7 +1404,8 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
         if (kv_slots[i] < 0 || kv_slots[i] >= dims[6]) return -1;
     for (int64_t t = 0; t < T; t++)
         if (offsets[t] < 0 || lengths[t] < 1 || offsets[t] + lengths[t] > num_kv) return -1;
-    if (!attn_shape_ok(heads, kv_heads, hd) || H % QK || (heads * hd) % QK || I % QK) return -1;
+    if (!attn_shape_ok(heads, kv_heads, hd) || H % QK || (heads * hd) % QK || I % QK || hd > 1024) return -1;
+    if (!rope_args_ok(T, positions, dims[5], slots, num_real, dims[6])) return -1;
     for (int64_t l = 0; l < num_layers; l++) {
         const int64_t *L = layers + l * FM_LAYER_FIELDS;
         for (int f = FM_QKV_T; f <= FM_DOWN_T; f++)
@@ -1399,7 +1417,7 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
                     .hd = hd, .I = I, .max_position = dims[5], .num_slots = dims[6], .eps = eps, .scale = scale,
                     .x = x, .T = T, .cos = cos, .ssin = ssin, .positions = positions, .slots = slots,
                     .num_real = num_real, .kc = kc, .vc = vc, .kv_slots = kv_slots, .offsets = offsets,
-                    .lengths = lengths, .rc = 0};
+                    .lengths = lengths};
     j.nqkv = (heads + 2 * kv_heads) * hd;
     j.cache_stride = dims[6] * kv_heads * hd;
     j.max_len = longest(lengths, T);
@@ -1421,7 +1439,7 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
     if (j.qkv && j.xbuf && (j.xw || !xw_needed) && j.sum && j.tmp && j.scores) {
         /* one team for the whole pass: its threads meet at a barrier after each step */
         run_team(run_blocks, &j, nthreads);
-        rc = j.rc;
+        rc = 0;
     }
     free(j.scores);
     free(j.tmp);
