@@ -354,15 +354,17 @@ def test_a_quantized_model_with_qkv_bias_runs_native_and_matches_its_float_twin(
     a, _ = test_engine._verify_vs_sequential(Engine(native, small_engine_config(), []), prompt)
     b, _ = test_engine._verify_vs_sequential(Engine(twin, small_engine_config(), []), prompt)
     assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.99
-    # the one-call pass adds the biases (its threads sharing the heads) as the layer-by-layer path does
+    # the one-call pass adds the biases as the layer-by-layer path does, also with two threads
+    # sharing the heads
     assert native.one_call
+    two, _ = test_engine._verify_vs_sequential(Engine(native, small_engine_config(num_threads=2), []), prompt)
     table = native._table
     try:
         native._table = None
         layered, _ = test_engine._verify_vs_sequential(Engine(native, small_engine_config(), []), prompt)
     finally:
         native._table = table
-    assert torch.equal(a, layered)
+    assert torch.equal(a, layered) and torch.equal(two, layered)
 
 
 def test_thread_chooser_follows_the_measurements():

@@ -1352,7 +1352,7 @@ enum { FM_QKV_W, FM_O_W, FM_GU_W, FM_DOWN_W, FM_QKV_T, FM_O_T, FM_GU_T, FM_DOWN_
 
 typedef struct {
     const int64_t *layers;
-    int64_t num_layers, H, heads, kv_heads, hd, I, max_position, num_slots, nqkv, cache_stride, widest, max_len;
+    int64_t num_layers, H, heads, kv_heads, hd, I, nqkv, cache_stride, widest, max_len;
     float eps, scale;
     float *x;
     int64_t T;
@@ -1414,7 +1414,7 @@ int fm_blocks(const int64_t *layers, int64_t num_layers, const int64_t *dims, fl
     if (nthreads < 1) nthreads = 1;
     if (nthreads > MAX_TEAM) nthreads = MAX_TEAM;
     blocks_job j = {.layers = layers, .num_layers = num_layers, .H = H, .heads = heads, .kv_heads = kv_heads,
-                    .hd = hd, .I = I, .max_position = dims[5], .num_slots = dims[6], .eps = eps, .scale = scale,
+                    .hd = hd, .I = I, .eps = eps, .scale = scale,
                     .x = x, .T = T, .cos = cos, .ssin = ssin, .positions = positions, .slots = slots,
                     .num_real = num_real, .kc = kc, .vc = vc, .kv_slots = kv_slots, .offsets = offsets,
                     .lengths = lengths};
