@@ -81,6 +81,30 @@ def test_rms_norm_prologue_rows_are_bit_identical_in_any_batch_and_with_any_thre
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("prologue", ["none", "rms_norm", "swiglu"])
+def test_rows_quantized_in_parts_equal_rows_quantized_whole(lib, prologue):
+    """Where a pass's rows do not share out evenly between the threads (a lone row: every
+    standard pass), each row's blocks are quantized in parts, one a thread, its prologue run
+    over each part: the products are the bits of one thread's, which keeps rows whole, and of
+    the same rows in a batch that shares out evenly."""
+    k = 576
+    wtype, raw, _ = blocks("Q4_1", 512, k, seed=5)  # 512 x 18 blocks: parallel from one row on
+    pro, width, norm = {"none": (kernels.PRO_NONE, k, None), "rms_norm": (kernels.PRO_RMSNORM, k, torch.rand(k) + 0.5),
+                        "swiglu": (kernels.PRO_SWIGLU, 2 * k, None)}[prologue]
+    x = torch.randn(6, width) * torch.logspace(-1, 1, 6)[:, None]
+    before = getattr(kernels._local, "threads", 0)
+    try:
+        kernels.set_threads(1)
+        whole = kernels.matmul(lib, wtype, raw, 512, k, x, pro, norm, 1e-5)
+        for t in (2, 3):
+            kernels.set_threads(t)
+            assert torch.equal(kernels.matmul(lib, wtype, raw, 512, k, x, pro, norm, 1e-5), whole), t
+            for m in (1, 2, 3, 5):
+                assert torch.equal(kernels.matmul(lib, wtype, raw, 512, k, x[:m], pro, norm, 1e-5), whole[:m]), (t, m)
+    finally:
+        kernels.set_threads(before)
+
+
 def test_fused_prologues_and_the_residual_add(lib):
     wtype, raw, exact = blocks("Q4_1", 64, 288, seed=2)
     x = torch.randn(5, 288)

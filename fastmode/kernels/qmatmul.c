@@ -759,20 +759,23 @@ static void sums_of_squares(const float *x, int64_t x_stride, int64_t lo, int64_
     }
 }
 
-/* ss: the row's sum of squares (sums_of_squares), for PRO_RMSNORM */
-static void prologue_row(int prologue, const float *x, int64_t K, const float *pw, float eps, float ss, float *out) {
+/* Values [j0, j1) of a row's prologue (x: the row, K values wide; j0 and j1 multiples of 8)
+ * into out[0, j1 - j0); ss: the row's sum of squares (sums_of_squares), for PRO_RMSNORM. Each
+ * value is computed alike whatever the span it is in. */
+static void prologue_span(int prologue, const float *x, int64_t K, int64_t j0, int64_t j1, const float *pw,
+                          float eps, float ss, float *out) {
     if (prologue == PRO_RMSNORM) {
         const float scale = 1.0f / sqrtf(ss / (float)K + eps);
-        for (int64_t j = 0; j < K; j++) out[j] = x[j] * scale * pw[j];
+        for (int64_t j = j0; j < j1; j++) out[j - j0] = x[j] * scale * pw[j];
     } else { /* PRO_SWIGLU */
-        int64_t j0 = 0;
+        int64_t j = j0;
 #ifdef FM_AVX2
-        for (; j0 + 8 <= K; j0 += 8)
-            _mm256_storeu_ps(out + j0, swiglu8(_mm256_loadu_ps(x + j0), _mm256_loadu_ps(x + K + j0)));
+        for (; j + 8 <= j1; j += 8)
+            _mm256_storeu_ps(out + j - j0, swiglu8(_mm256_loadu_ps(x + j), _mm256_loadu_ps(x + K + j)));
 #endif
-        for (int64_t j = j0; j < K; j++) {
+        for (; j < j1; j++) {
             const float g = x[j];
-            out[j] = g / (1.0f + expf(-g)) * x[K + j];
+            out[j - j0] = g / (1.0f + expf(-g)) * x[K + j];
         }
     }
 }
@@ -818,20 +821,30 @@ static void linear_team(int tid, int nth, int type, const uint8_t *w, int64_t N,
     (void)xw; /* read only by the R8 tiles (AVX2 builds) */
     float *mine = tmp ? tmp + tid * tmp_stride : NULL;
     int64_t lo, hi;
-    /* quantize the activations (row by row: a row's blocks depend only on that row) */
-    share(M, tid, nth, &lo, &hi);
+    /* quantize the activations (blocks are quantized apart, and a row's prologue needs only that
+     * row): whole rows, or, with fewer rows than threads (a lone row: every standard pass), each
+     * row in nth parts of its blocks, so that threads do not wait while others quantize (each
+     * part's thread sums its row's squares itself: one chain of adds, as for any row alone) */
+    const int64_t parts = M < nth ? nth : 1;
+    share(M * parts, tid, nth, &lo, &hi);
     float ss[64]; /* this thread's rows' sums of squares, 64 at a time */
-    for (int64_t m = lo; m < hi; m++) {
-        if (prologue == PRO_RMSNORM && (m - lo) % 64 == 0)
-            sums_of_squares(x, x_stride, m, m + 64 < hi ? m + 64 : hi, K, ss);
-        if (prologue == PRO_NONE) {
-            quantize_row(x + m * x_stride, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
-        } else {
-            prologue_row(prologue, x + m * x_stride, K, pw, eps, prologue == PRO_RMSNORM ? ss[(m - lo) % 64] : 0.0f, mine);
-            quantize_row(mine, K, xq + m * nb * QK, xd + m * nb, xs + m * nb, xi + m * nb);
+    for (int64_t u = lo; u < hi; u++) {
+        const int64_t m = u / parts;
+        int64_t b0 = 0, b1 = nb;
+        if (parts > 1) share(nb, (int)(u % parts), (int)parts, &b0, &b1);
+        if (b1 == b0) continue;
+        if (prologue == PRO_RMSNORM && (parts > 1 || (u - lo) % 64 == 0))
+            sums_of_squares(x, x_stride, m, parts > 1 ? m + 1 : (m + 64 < hi ? m + 64 : hi), K, ss);
+        const float *src = x + m * x_stride + b0 * QK;
+        if (prologue != PRO_NONE) {
+            prologue_span(prologue, x + m * x_stride, K, b0 * QK, b1 * QK, pw, eps,
+                          prologue == PRO_RMSNORM ? ss[parts > 1 ? 0 : (u - lo) % 64] : 0.0f, mine);
+            src = mine;
         }
+        const int64_t at = m * nb + b0;
+        quantize_row(src, (b1 - b0) * QK, xq + at * QK, xd + at, xs + at, xi + at);
 #ifdef FM_AVX2
-        if (xw) broadcast_chunks(xq + m * nb * QK, nb, xw + m * nb * XW_BLOCK);
+        if (xw) broadcast_chunks(xq + at * QK, b1 - b0, xw + at * XW_BLOCK);
 #endif
     }
     team_barrier(nth);
