@@ -81,28 +81,46 @@ def test_rms_norm_prologue_rows_are_bit_identical_in_any_batch_and_with_any_thre
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def avx2_lib(lib, tmp_path_factory):
+    """The kernels built without AVX-512 (their AVX2 path), where this CPU has it; else None."""
+    if not lib.fm_has_avx512():
+        return None
+    avx2 = kernels.build_with(["-mno-avx512f"], tmp_path_factory.mktemp("avx2"))
+    assert avx2 is not None and avx2.fm_has_avx2() and not avx2.fm_has_avx512()
+    return avx2
+
+
 @pytest.mark.parametrize("prologue", ["none", "rms_norm", "swiglu"])
-def test_rows_quantized_in_parts_equal_rows_quantized_whole(lib, prologue):
-    """Where a pass's rows do not share out evenly between the threads (a lone row: every
-    standard pass), each row's blocks are quantized in parts, one a thread, its prologue run
-    over each part: the products are the bits of one thread's, which keeps rows whole, and of
-    the same rows in a batch that shares out evenly."""
+def test_rows_quantized_in_parts_equal_rows_quantized_whole(lib, avx2_lib, prologue):
+    """With fewer rows than threads (a lone row: every standard pass), each row's blocks are
+    quantized in parts, one a thread, its prologue run over each part: the products are the
+    bits of one thread's, which keeps rows whole, and of the same rows among more rows; on
+    the AVX2 path too (whose tiles read the quantized rows' chunks pre-broadcast), with the
+    same bits."""
     k = 576
-    wtype, raw, _ = blocks("Q4_1", 512, k, seed=5)  # 512 x 18 blocks: parallel from one row on
+    w = np.random.default_rng(5).standard_normal((512, k)).astype(np.float32)  # 512 x 18 blocks: parallel from one row on
+    raw = torch.from_numpy(np.frombuffer(quantize(w, "Q4_1"), dtype=np.uint8).reshape(512, -1).copy())
     pro, width, norm = {"none": (kernels.PRO_NONE, k, None), "rms_norm": (kernels.PRO_RMSNORM, k, torch.rand(k) + 0.5),
                         "swiglu": (kernels.PRO_SWIGLU, 2 * k, None)}[prologue]
     x = torch.randn(6, width) * torch.logspace(-1, 1, 6)[:, None]
     before = getattr(kernels._local, "threads", 0)
+    results = []
     try:
-        kernels.set_threads(1)
-        whole = kernels.matmul(lib, wtype, raw, 512, k, x, pro, norm, 1e-5)
-        for t in (2, 3):
-            kernels.set_threads(t)
-            assert torch.equal(kernels.matmul(lib, wtype, raw, 512, k, x, pro, norm, 1e-5), whole), t
-            for m in (1, 2, 3, 5):
-                assert torch.equal(kernels.matmul(lib, wtype, raw, 512, k, x[:m], pro, norm, 1e-5), whole[:m]), (t, m)
+        for build in (b for b in (lib, avx2_lib) if b is not None):
+            packed = kernels.pack(TYPE_IDS["Q4_1"], raw, build)
+            kernels.set_threads(1)
+            whole = kernels.matmul(build, TYPE_IDS["Q4_1"], packed, 512, k, x, pro, norm, 1e-5)
+            for t in (2, 3):
+                kernels.set_threads(t)
+                assert torch.equal(kernels.matmul(build, TYPE_IDS["Q4_1"], packed, 512, k, x, pro, norm, 1e-5), whole), t
+                for m in (1, 2, 3, 5):
+                    got = kernels.matmul(build, TYPE_IDS["Q4_1"], packed, 512, k, x[:m], pro, norm, 1e-5)
+                    assert torch.equal(got, whole[:m]), (t, m)
+            results.append(whole)
     finally:
         kernels.set_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results)
 
 
 def test_fused_prologues_and_the_residual_add(lib):
