@@ -468,13 +468,13 @@ def test_native_model_stays_on_the_cpu_in_float32(tiny_q4):
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, kind, tmp_path):
+def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, avx2_lib, kind):
     """Where the CPU has AVX-512 VNNI the tiles use it (16 or 8 rows interleaved); their integer
     sums are exact and their float steps the same, so every output equals the AVX2 build's bit
     for bit: results do not depend on the instruction set."""
     if not lib.fm_has_vnni512():
         pytest.skip("this CPU has no AVX-512 VNNI: there is one path only")
-    avx2 = kernels.build_with(["-mno-avx512f"], tmp_path)
+    avx2 = avx2_lib
     assert avx2 is not None and avx2.fm_has_avx2() and not avx2.fm_has_vnni512()
     x = torch.randn(9, 1536) * torch.linspace(0.01, 30.0, 1536)  # small and large activation blocks
     for n in (64, 40):  # 16 rows interleaved (8 on AVX2); 8 rows interleaved on both
@@ -488,13 +488,13 @@ def test_avx512_vnni_tiles_equal_the_avx2_tiles_bit_for_bit(lib, kind, tmp_path)
 
 
 @pytest.mark.parametrize("dim", [8, 24, 64, 136])  # a half vector; one and a half; whole vectors; a block and a part
-def test_avx512_attention_equals_the_avx2_attention_bit_for_bit(lib, dim, tmp_path):
+def test_avx512_attention_equals_the_avx2_attention_bit_for_bit(lib, avx2_lib, dim):
     """On AVX-512 attention runs two keys a vector for the scores and sixteen values a vector
     for the weighted sums, with each lane's operations and their order unchanged: the same bits
     as the AVX2 build, for any number of keys (the last 8 partly filled) and heads per kv head."""
     if not lib.fm_has_avx512():
         pytest.skip("this CPU has no AVX-512: there is one path only")
-    avx2 = kernels.build_with(["-mno-avx512f"], tmp_path)
+    avx2 = avx2_lib
     assert avx2 is not None and avx2.fm_has_avx2() and not avx2.fm_has_avx512()
     n_keys = 300
     for heads, kv_heads in ((9, 3), (4, 2), (8, 8), (12, 3)):  # 3, 2, 1 and 4 (3 + 1) query heads a kv head
