@@ -1054,6 +1054,72 @@ static inline void prefetch_rows(const uint16_t *const *rows, int n, int64_t nex
         for (int64_t b = 0; b < head_dim * 2; b += 64) __builtin_prefetch((const char *)(rows[j] + next) + b, 0, 3);
 }
 
+#ifdef FM_AVX2
+/* o[h][e0 ..) = sum_t p[h][t] v_t / sum, for one chunk of up to 64 values of each v_t (at vo, the
+ * chunk's offset in a row): its nz 16-value vectors and, if odd, an 8-value one, kept in
+ * registers (each output one lane, summed over t in order: the vector width does not change
+ * it). The callers pass constant chunk shapes for whole 64-value chunks, so that the loop over
+ * keys holds no loop over chunks. */
+#ifdef FM_AVX512
+static inline __attribute__((always_inline)) void weigh_values16(const int nq, const int nz, const int odd,
+                                                                  const uint16_t *v, const int64_t *sl, int64_t n,
+                                                                  int64_t stride, int64_t vo, int64_t head_dim,
+                                                                  int64_t next, float *const *p, const float *inv,
+                                                                  float *const *o, int64_t e0) {
+    __m512 acc[ATTN_Q][4];
+    __m256 rest[ATTN_Q];
+    for (int h = 0; h < nq; h++) {
+        for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
+        rest[h] = _mm256_setzero_ps();
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const uint16_t *vh = v + sl[t] * stride + vo;
+        if (next) prefetch_rows(&vh, 1, next, head_dim);
+        __m512 w[ATTN_Q];
+        for (int h = 0; h < nq; h++) w[h] = _mm512_set1_ps(p[h][t]);
+        for (int c = 0; c < nz; c++) {
+            const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vh + 16 * c)));
+            for (int h = 0; h < nq; h++) acc[h][c] = _mm512_fmadd_ps(w[h], vv, acc[h][c]);
+        }
+        if (odd) {
+            const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + 16 * nz)));
+            for (int h = 0; h < nq; h++) rest[h] = _mm256_fmadd_ps(_mm512_castps512_ps256(w[h]), vv, rest[h]);
+        }
+    }
+    for (int h = 0; h < nq; h++) {
+        const __m512 vi = _mm512_set1_ps(inv[h]);
+        for (int c = 0; c < nz; c++) _mm512_storeu_ps(o[h] + e0 + 16 * c, _mm512_mul_ps(acc[h][c], vi));
+        if (odd) _mm256_storeu_ps(o[h] + e0 + 16 * nz, _mm256_mul_ps(rest[h], _mm512_castps512_ps256(vi)));
+    }
+}
+#else
+/* The same in 8-value vectors, nv of them. */
+static inline __attribute__((always_inline)) void weigh_values8(const int nq, const int nv, const uint16_t *v,
+                                                                 const int64_t *sl, int64_t n, int64_t stride,
+                                                                 int64_t vo, int64_t head_dim, int64_t next,
+                                                                 float *const *p, const float *inv, float *const *o,
+                                                                 int64_t e0) {
+    __m256 acc[ATTN_Q][8];
+    for (int h = 0; h < nq; h++)
+        for (int c = 0; c < 8; c++) acc[h][c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+        const uint16_t *vh = v + sl[t] * stride + vo;
+        if (next) prefetch_rows(&vh, 1, next, head_dim);
+        __m256 w[ATTN_Q];
+        for (int h = 0; h < nq; h++) w[h] = _mm256_set1_ps(p[h][t]);
+        for (int c = 0; c < nv; c++) {
+            const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + 8 * c)));
+            for (int h = 0; h < nq; h++) acc[h][c] = _mm256_fmadd_ps(w[h], vv, acc[h][c]);
+        }
+    }
+    for (int h = 0; h < nq; h++) {
+        const __m256 vi = _mm256_set1_ps(inv[h]);
+        for (int c = 0; c < nv; c++) _mm256_storeu_ps(o[h] + e0 + 8 * c, _mm256_mul_ps(acc[h][c], vi));
+    }
+}
+#endif
+#endif
+
 /* Query heads qh[0..nq) of one row over the same n keys at cache slots sl[0..n) (k, v: f16 rows
  * `stride` values apart, their kv head's part at offset `off`); p[i]: n + 8 floats of scratch;
  * o[i]: head_dim outputs. Each key and value vector is loaded once for all nq heads, and each
@@ -1153,58 +1219,18 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
         }
         inv[h] = 1.0f / hsum8(vsum);
     }
-    /* o = sum_i w_i v_i / sum, 64 outputs at a time in registers (each output one lane, summed
-     * over i in order: the vector width does not change it) */
+    /* o = sum_i w_i v_i / sum, 64 outputs at a time (see weigh_values16) */
 #ifdef FM_AVX512
     for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
         const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8; /* 8-value chunks */
-        const int nz = nv / 2, odd = nv % 2;                                /* 16-value vectors, an 8 left */
-        __m512 acc[ATTN_Q][4];
-        __m256 rest[ATTN_Q];
-        for (int h = 0; h < nq; h++) {
-            for (int c = 0; c < 4; c++) acc[h][c] = _mm512_setzero_ps();
-            rest[h] = _mm256_setzero_ps();
-        }
-        for (int64_t t = 0; t < n; t++) {
-            const uint16_t *vh = v + sl[t] * stride + off + e0;
-            if (next && e0 == 0) prefetch_rows(&vh, 1, next, head_dim);
-            __m512 w[ATTN_Q];
-            for (int h = 0; h < nq; h++) w[h] = _mm512_set1_ps(p[h][t]);
-            for (int c = 0; c < nz; c++) {
-                const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vh + 16 * c)));
-                for (int h = 0; h < nq; h++) acc[h][c] = _mm512_fmadd_ps(w[h], vv, acc[h][c]);
-            }
-            if (odd) {
-                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + 16 * nz)));
-                for (int h = 0; h < nq; h++) rest[h] = _mm256_fmadd_ps(_mm512_castps512_ps256(w[h]), vv, rest[h]);
-            }
-        }
-        for (int h = 0; h < nq; h++) {
-            const __m512 vi = _mm512_set1_ps(inv[h]);
-            for (int c = 0; c < nz; c++) _mm512_storeu_ps(o[h] + e0 + 16 * c, _mm512_mul_ps(acc[h][c], vi));
-            if (odd) _mm256_storeu_ps(o[h] + e0 + 16 * nz, _mm256_mul_ps(rest[h], _mm512_castps512_ps256(vi)));
-        }
+        if (nv == 8) weigh_values16(nq, 4, 0, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
+        else weigh_values16(nq, nv / 2, nv % 2, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
     }
 #else
     for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
         const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8;
-        __m256 acc[ATTN_Q][8];
-        for (int h = 0; h < nq; h++)
-            for (int c = 0; c < 8; c++) acc[h][c] = _mm256_setzero_ps();
-        for (int64_t t = 0; t < n; t++) {
-            const uint16_t *vh = v + sl[t] * stride + off + e0;
-            if (next && e0 == 0) prefetch_rows(&vh, 1, next, head_dim);
-            __m256 w[ATTN_Q];
-            for (int h = 0; h < nq; h++) w[h] = _mm256_set1_ps(p[h][t]);
-            for (int c = 0; c < nv; c++) {
-                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + 8 * c)));
-                for (int h = 0; h < nq; h++) acc[h][c] = _mm256_fmadd_ps(w[h], vv, acc[h][c]);
-            }
-        }
-        for (int h = 0; h < nq; h++) {
-            const __m256 vi = _mm256_set1_ps(inv[h]);
-            for (int c = 0; c < nv; c++) _mm256_storeu_ps(o[h] + e0 + 8 * c, _mm256_mul_ps(acc[h][c], vi));
-        }
+        if (nv == 8) weigh_values8(nq, 8, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
+        else weigh_values8(nq, nv, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
     }
 #endif
 #else
