@@ -388,6 +388,9 @@ def test_usage_report_by_speed_matches_the_requests_token_for_token(tiny):
                     f"starting_at={day}&group_by[]=color"):
             r = httpx.get(f"{url}/v1/organizations/usage_report/messages?{bad}", headers={**h, "anthropic-beta": BETA})
             assert r.status_code == 400 and r.json()["error"]["message"], bad
+        r = httpx.get(f"{url}/v1/organizations/cost_report?starting_at={day}&bucket_width=1h", headers=h)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert "bucket_width" in r.json()["error"]["message"]
 
 
 # ---- message batches --------------------------------------------------------------------------

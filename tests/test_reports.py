@@ -10,8 +10,7 @@ from decimal import Decimal
 import pytest
 
 from fastmode.platform.db import Database
-from fastmode.platform.reports import cost_report, format_cents, usage_report
-from fastmode.server.errors import InvalidRequest
+from fastmode.platform.reports import ReportQueryError, cost_report, format_cents, usage_report
 
 ORG = "org_a"
 BETA = {"fast-mode-2026-02-01"}
@@ -108,7 +107,7 @@ def test_limit_defaults_and_maxima(db, width, seconds, default, maximum):
     out = usage(db, **span)
     assert len(out["data"]) == default and out["has_more"]
     assert len(usage(db, limit=maximum, **span)["data"]) == maximum
-    with pytest.raises(InvalidRequest, match=f"limit: .*1 to {maximum}"):
+    with pytest.raises(ReportQueryError, match=f"limit: .*1 to {maximum}"):
         usage(db, limit=maximum + 1, **span)
 
 
@@ -186,9 +185,9 @@ def test_filters(db):
 
 def test_speed_requires_the_fast_mode_beta(db):
     span = dict(starting_at=iso(T0), ending_at=iso(T0 + D))
-    with pytest.raises(InvalidRequest, match="group_by.*fast-mode-2026-02-01"):
+    with pytest.raises(ReportQueryError, match="group_by.*fast-mode-2026-02-01"):
         usage(db, betas=set(), group_by=["speed"], **span)
-    with pytest.raises(InvalidRequest, match="speeds.*fast-mode-2026-02-01"):
+    with pytest.raises(ReportQueryError, match="speeds.*fast-mode-2026-02-01"):
         usage(db, betas={"other"}, speeds=["fast"], **span)
     assert usage(db, betas=set(), group_by=["model"], **span)["data"]
 
@@ -291,7 +290,7 @@ SPAN = [("starting_at", "2026-11-22T00:00:00Z"), ("ending_at", "2026-11-25T00:00
     (SPAN + [("page", "page_MjAyNi0xMS0wMVQwMDowMDowMFo=")], "page: .* does not belong"),  # before starting_at
 ])
 def test_usage_report_rejects_bad_input(db, pairs, message):
-    with pytest.raises(InvalidRequest, match=message):
+    with pytest.raises(ReportQueryError, match=message):
         usage_report(db, ORG, pairs, BETA, NOW)
 
 
@@ -303,5 +302,5 @@ def test_usage_report_rejects_bad_input(db, pairs, message):
     (SPAN + [("page", "nope")], "page: "),
 ])
 def test_cost_report_rejects_bad_input(db, pairs, message):
-    with pytest.raises(InvalidRequest, match=message):
+    with pytest.raises(ReportQueryError, match=message):
         cost_report(db, ORG, pairs, NOW)

@@ -1,8 +1,8 @@
 """The Admin API reports over the usage ledger, shaped like Anthropic's: the usage report
 (token counts per time bucket) and the cost report (USD cents per day).
 
-Both take the raw query string as (key, value) pairs, validate every parameter into an
-InvalidRequest naming it, and aggregate in SQL over one page of buckets at a time."""
+Both take the raw query string as (key, value) pairs, validate every parameter into a
+ReportQueryError naming it (the HTTP edge answers it as a 400), and aggregate in SQL over one page of buckets at a time."""
 from __future__ import annotations
 
 import base64
@@ -15,8 +15,11 @@ from decimal import Context, Decimal, localcontext
 from typing import Any, Iterable, Mapping
 
 from fastmode.platform.catalog import FAST_BETA
+
+
+class ReportQueryError(ValueError):
+    """A query parameter a report cannot take, named in the message."""
 from fastmode.platform.db import Database
-from fastmode.server.errors import InvalidRequest
 
 # bucket_width: (seconds, default limit, max limit)
 USAGE_WIDTHS: dict[str, tuple[int, int, int]] = {"1m": (60, 60, 1440), "1h": (3600, 24, 168),
@@ -69,18 +72,18 @@ class _Params:
     def one(self, name: str) -> str | None:
         values = self.values.get(name)
         if values and len(values) > 1:
-            raise InvalidRequest(f"{name}: given {len(values)} times; give it at most once")
+            raise ReportQueryError(f"{name}: given {len(values)} times; give it at most once")
         return values[0] if values else None
 
     def many(self, name: str, allowed: Iterable[str] | None = None) -> list[str]:
         values = list(dict.fromkeys(self.values.get(name, ())))
         if len(values) > MAX_FILTER_VALUES:
-            raise InvalidRequest(f"{name}[]: at most {MAX_FILTER_VALUES} values; got {len(values)}")
+            raise ReportQueryError(f"{name}[]: at most {MAX_FILTER_VALUES} values; got {len(values)}")
         if allowed is not None:
             allowed = tuple(allowed)
             for v in values:
                 if v not in allowed:
-                    raise InvalidRequest(f"{name}[]: {v!r} is not one of {', '.join(allowed)}")
+                    raise ReportQueryError(f"{name}[]: {v!r} is not one of {', '.join(allowed)}")
         return values
 
 
@@ -88,16 +91,16 @@ def _parse_time(name: str, value: str) -> datetime:
     """An RFC 3339 timestamp with an offset (`Z` or `+HH:MM`), as aware UTC."""
     m = _RFC3339.fullmatch(value.strip())
     if not m:
-        raise InvalidRequest(f"{name}: {value!r} is not an RFC 3339 timestamp such as 2026-11-22T00:00:00Z")
+        raise ReportQueryError(f"{name}: {value!r} is not an RFC 3339 timestamp such as 2026-11-22T00:00:00Z")
     y, mo, d, h, mi, s, frac, z, sign, oh, om = m.groups()
     try:
         offset = timedelta(0) if z else (1 if sign == "+" else -1) * timedelta(hours=int(oh), minutes=int(om))
         dt = datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), int((frac or "0").ljust(6, "0")[:6]),
                       tzinfo=timezone(offset)).astimezone(timezone.utc)
     except (ValueError, OverflowError):
-        raise InvalidRequest(f"{name}: {value!r} is not a valid date and time") from None
+        raise ReportQueryError(f"{name}: {value!r} is not a valid date and time") from None
     if not _EARLIEST <= dt < _LATEST:
-        raise InvalidRequest(f"{name}: must be between {_fmt(_EARLIEST.timestamp())} and {_fmt(_LATEST.timestamp())}")
+        raise ReportQueryError(f"{name}: must be between {_fmt(_EARLIEST.timestamp())} and {_fmt(_LATEST.timestamp())}")
     return dt
 
 
@@ -115,8 +118,8 @@ def _decode_page(value: str) -> datetime:
             raise ValueError
         text = base64.urlsafe_b64decode(value[len(_PAGE_PREFIX):].encode("ascii")).decode("ascii")
         return _parse_time("page", text)
-    except (ValueError, binascii.Error, UnicodeError, InvalidRequest):
-        raise InvalidRequest(f"page: {value!r} is not a cursor this report returned as next_page") from None
+    except (ValueError, binascii.Error, UnicodeError, ReportQueryError):
+        raise ReportQueryError(f"page: {value!r} is not a cursor this report returned as next_page") from None
 
 
 @dataclass(frozen=True)
@@ -141,24 +144,24 @@ def _window(p: _Params, now: float, widths: Mapping[str, tuple[int, int, int]]) 
     """Validate starting_at, ending_at, bucket_width, limit and page into the page to report."""
     raw_start = p.one("starting_at")
     if raw_start is None:
-        raise InvalidRequest("starting_at: required (an RFC 3339 timestamp such as 2026-11-22T00:00:00Z)")
+        raise ReportQueryError("starting_at: required (an RFC 3339 timestamp such as 2026-11-22T00:00:00Z)")
     start_at = _parse_time("starting_at", raw_start)
     raw_end = p.one("ending_at")
     end_ts = _parse_time("ending_at", raw_end).timestamp() if raw_end is not None else now
     if end_ts <= start_at.timestamp():
-        raise InvalidRequest(f"ending_at: must be after starting_at ({_fmt(start_at.timestamp())}); got "
+        raise ReportQueryError(f"ending_at: must be after starting_at ({_fmt(start_at.timestamp())}); got "
                              f"{_fmt(end_ts) if raw_end is not None else 'now, ' + _fmt(now)}")
     name = p.one("bucket_width")
     name = "1d" if name is None else name
     if name not in widths:
-        raise InvalidRequest(f"bucket_width: must be one of {', '.join(widths)}; got {name!r}")
+        raise ReportQueryError(f"bucket_width: must be one of {', '.join(widths)}; got {name!r}")
     width, default_limit, max_limit = widths[name]
     raw_limit = p.one("limit")
     limit = default_limit
     if raw_limit is not None:
         limit = int(raw_limit) if re.fullmatch(r"[0-9]{1,9}", raw_limit) else 0
         if not 1 <= limit <= max_limit:
-            raise InvalidRequest(f"limit: must be an integer from 1 to {max_limit} for bucket_width {name}; "
+            raise ReportQueryError(f"limit: must be an integer from 1 to {max_limit} for bucket_width {name}; "
                                  f"got {raw_limit!r}")
     first = math.floor(start_at.timestamp() / width) * width
     total = math.ceil((end_ts - first) / width)
@@ -168,7 +171,7 @@ def _window(p: _Params, now: float, widths: Mapping[str, tuple[int, int, int]]) 
         cursor = _decode_page(raw_page).timestamp()
         offset = int((cursor - first) // width)
         if cursor != first + offset * width or not 0 <= offset < total:
-            raise InvalidRequest(f"page: {raw_page!r} does not belong to this starting_at, ending_at and bucket_width")
+            raise ReportQueryError(f"page: {raw_page!r} does not belong to this starting_at, ending_at and bucket_width")
     stop = min(offset + limit, total)
     return _Window(first + offset * width, width, stop - offset,
                    _encode_page(first + stop * width) if stop < total else None)
@@ -207,14 +210,14 @@ def usage_report(db: Database, org_id: str, params: list[tuple[str, str]], betas
         if not values:
             continue
         if dim == "speed" and FAST_BETA not in betas:
-            raise InvalidRequest(f"speeds[]: requires the anthropic-beta header {FAST_BETA}")
+            raise ReportQueryError(f"speeds[]: requires the anthropic-beta header {FAST_BETA}")
         if dim in _STORED:
             where.append(f"{dim} IN ({', '.join('?' * len(values))})")
             args.extend(values)
         else:
             where.append("0")  # we have no such dimension: every row is null there, matching no value
     if "speed" in group_by and FAST_BETA not in betas:
-        raise InvalidRequest(f"group_by[]: speed requires the anthropic-beta header {FAST_BETA}")
+        raise ReportQueryError(f"group_by[]: speed requires the anthropic-beta header {FAST_BETA}")
     columns = [d for d in group_by if d in _STORED]
     sums = ["uncached_input_tokens", "cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens",
             "cache_read_input_tokens", "output_tokens"]

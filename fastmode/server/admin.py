@@ -7,20 +7,28 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from fastmode.platform import reports
+from fastmode.server.errors import InvalidRequest
 from fastmode.server.http import betas, endpoint
 from fastmode.server.state import ServerState
 
 
+async def _report(fn, *args) -> Response:
+    try:
+        return JSONResponse(await run_in_threadpool(fn, *args))
+    except reports.ReportQueryError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 async def usage_report(request: Request, state: ServerState) -> Response:
     p = state.platform
-    return JSONResponse(await run_in_threadpool(reports.usage_report, p.db, request.state.principal.org.id,
-                                                request.query_params.multi_items(), betas(request), p.clock()))
+    return await _report(reports.usage_report, p.db, request.state.principal.org.id,
+                         request.query_params.multi_items(), betas(request), p.clock())
 
 
 async def cost_report(request: Request, state: ServerState) -> Response:
     p = state.platform
-    return JSONResponse(await run_in_threadpool(reports.cost_report, p.db, request.state.principal.org.id,
-                                                request.query_params.multi_items(), p.clock()))
+    return await _report(reports.cost_report, p.db, request.state.principal.org.id,
+                         request.query_params.multi_items(), p.clock())
 
 
 def routes() -> list[Route]:
