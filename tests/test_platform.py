@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Iterator
 
 import anthropic
@@ -79,23 +80,53 @@ def ledger(platform: Platform, request_id: str) -> dict:
 # ---- catalog and fast-mode lifecycle ----------------------------------------------------------
 
 def test_ga_model_runs_fast_without_a_beta_header_and_sends_fast_headers(client, server):
-    r = client.messages.with_raw_response.create(model="claude-opus-4-7", max_tokens=5, speed="fast", messages=HI)
+    r = client.messages.with_raw_response.create(model="claude-opus-5-5", max_tokens=5, speed="fast", messages=HI)
     msg = r.parse()
-    assert msg.usage.speed == "fast" and msg.model == "claude-opus-4-7"
+    assert msg.usage.speed == "fast" and msg.model == "claude-opus-5-5"
     fast = {k for k in r.headers if k.startswith("anthropic-fast-")}
     assert fast == {f"anthropic-fast-{d}-tokens-{f}" for d in ("input", "output") for f in ("limit", "remaining", "reset")}
     assert r.headers["anthropic-fast-output-tokens-limit"] == "40000"
     row = ledger(server[1], r.headers["request-id"])
-    assert (row["speed"], row["input_price"], row["output_price"]) == ("fast", 30.0, 150.0)
+    assert (row["speed"], row["input_price"], row["output_price"]) == ("fast", 8.0, 40.0)
+
+
+@pytest.mark.parametrize("model", ["claude-fable-5-2", "claude-mythos-5-2"])
+def test_other_ga_models_run_fast_at_their_own_prices(client, server, model):
+    r = client.messages.with_raw_response.create(model=model, max_tokens=3, speed="fast", messages=HI)
+    assert r.parse().usage.speed == "fast"
+    row = ledger(server[1], r.headers["request-id"])
+    assert (row["speed"], row["input_price"], row["output_price"]) == ("fast", 16.0, 80.0)
 
 
 def test_preview_model_needs_the_beta_header(client):
     with pytest.raises(anthropic.BadRequestError, match=BETA) as e:
-        client.messages.create(model="claude-opus-4-8", max_tokens=5, speed="fast", messages=HI)
-    assert "claude-opus-4-8" in e.value.message
-    msg = client.beta.messages.create(model="claude-opus-4-8", max_tokens=5, speed="fast", betas=[BETA], messages=HI)
+        client.messages.create(model="claude-opus-5", max_tokens=5, speed="fast", messages=HI)
+    assert "claude-opus-5" in e.value.message and "research preview" in e.value.message
+    msg = client.beta.messages.create(model="claude-opus-5", max_tokens=5, speed="fast", betas=[BETA], messages=HI)
     assert msg.usage.speed == "fast"
-    assert client.messages.create(model="claude-opus-4-8", max_tokens=5, messages=HI).usage.speed == "standard"
+    assert client.messages.create(model="claude-opus-5", max_tokens=5, messages=HI).usage.speed == "standard"
+
+
+def test_deprecated_fast_mode_needs_the_beta_header_until_its_removal_date(tiny):
+    """claude-opus-4-8: fast behind the beta header before 2026-11-30, a 400 from then on; the
+    model itself keeps serving standard speed."""
+    clock = Clock()
+    with catalog_server(tiny, clock=clock) as (url, platform):
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        clock.t = datetime(2026, 11, 29, 23, 59, tzinfo=timezone.utc).timestamp()
+        with pytest.raises(anthropic.BadRequestError, match="deprecated.*2026-11-30.*" + BETA):
+            c.messages.create(model="claude-opus-4-8", max_tokens=3, speed="fast", messages=HI)
+        r = c.beta.messages.with_raw_response.create(model="claude-opus-4-8", max_tokens=3, speed="fast",
+                                                     betas=[BETA], messages=HI)
+        assert r.parse().usage.speed == "fast"
+        row = ledger(platform, r.headers["request-id"])
+        assert (row["speed"], row["input_price"], row["output_price"]) == ("fast", 10.0, 50.0)
+        clock.t = datetime(2026, 11, 30, tzinfo=timezone.utc).timestamp()
+        for betas in ([], [BETA]):
+            with pytest.raises(anthropic.BadRequestError, match="removed for claude-opus-4-8 on 2026-11-30") as e:
+                c.beta.messages.create(model="claude-opus-4-8", max_tokens=3, speed="fast", betas=betas, messages=HI)
+            assert "speed" in e.value.message
+        assert c.messages.create(model="claude-opus-4-8", max_tokens=3, messages=HI).usage.speed == "standard"
 
 
 def test_deprecated_fast_mode_falls_back_silently_at_standard_price(client, server):
@@ -107,9 +138,9 @@ def test_deprecated_fast_mode_falls_back_silently_at_standard_price(client, serv
     assert (row["speed"], row["input_price"], row["output_price"]) == ("standard", 5.0, 25.0)
 
 
-@pytest.mark.parametrize("model,status", [("claude-sonnet-4-6", "unsupported"), ("claude-opus-4-7", "removed")])
-def test_unsupported_and_removed_fast_mode_are_400s_naming_model_and_parameter(tiny, model, status):
-    changes = {"claude-opus-4-7": {"fast_mode": FastMode.REMOVED}} if status == "removed" else {}
+@pytest.mark.parametrize("model,changes", [("claude-sonnet-4-6", {}), ("claude-opus-4-7", {}),
+                                           ("claude-opus-5-5", {"claude-opus-5-5": {"fast_mode": FastMode.REMOVED}})])
+def test_unsupported_and_removed_fast_mode_are_400s_naming_model_and_parameter(tiny, model, changes):
     with catalog_server(tiny, changes=changes) as (url, _):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         with pytest.raises(anthropic.BadRequestError) as e:
@@ -123,7 +154,8 @@ def test_aliases_and_the_wildcard(client):
     assert client.messages.create(model="gpt-4o", max_tokens=2, messages=HI).model == "claude-sonnet-4-6"
     assert client.models.retrieve("claude-opus-4-8-latest").id == "claude-opus-4-8"
     ids = [m.id for m in client.models.list()]
-    assert ids == ["claude-opus-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-sonnet-4-6"]
+    assert ids == ["claude-opus-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-opus-5", "claude-opus-5-5",
+                   "claude-fable-5-2", "claude-mythos-5-2", "claude-sonnet-4-6"]
     info = client.models.retrieve("claude-opus-4-8")
     assert info.capabilities.thinking.types.adaptive.supported and not info.capabilities.thinking.types.enabled.supported
     assert info.capabilities.effort.low.supported and not info.capabilities.effort.medium.supported
@@ -146,18 +178,18 @@ def test_thinking_effort_sampling_geo_and_max_tokens_per_model(server, client):
          for e in ("low", "high")}
     assert n["low"] > n["high"] == client.messages.count_tokens(model="claude-opus-4-8", messages=HI).input_tokens
     # sampling parameters: a 400 on models that take none (under 2023-06-01, where the API allows them)
-    body = {"model": "claude-opus-4-7", "max_tokens": 2, "messages": HI, "temperature": 0.5}
+    body = {"model": "claude-opus-5-5", "max_tokens": 2, "messages": HI, "temperature": 0.5}
     r = raw(url, body)
     assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
     assert raw(url, {**body, "model": "claude-opus-4-6"}).status_code == 200
-    r = raw(url, {"model": "claude-opus-4-7", "max_tokens": 2, "messages": HI, "inference_geo": "eu"})
+    r = raw(url, {"model": "claude-opus-5-5", "max_tokens": 2, "messages": HI, "inference_geo": "eu"})
     assert r.status_code == 400 and "inference_geo" in r.json()["error"]["message"]
     with pytest.raises(anthropic.BadRequestError, match="4096"):
-        client.messages.create(model="claude-opus-4-7", max_tokens=5000, messages=HI)
+        client.messages.create(model="claude-opus-5-5", max_tokens=5000, messages=HI)
 
 
 def test_priority_tier_with_fast_mode_is_a_400(server):
-    r = raw(server[0], {"model": "claude-opus-4-7", "max_tokens": 2, "messages": HI, "speed": "fast",
+    r = raw(server[0], {"model": "claude-opus-5-5", "max_tokens": 2, "messages": HI, "speed": "fast",
                         "service_tier": "priority"})
     assert r.status_code == 400 and "Priority Tier" in r.json()["error"]["message"]
 
@@ -177,15 +209,15 @@ def test_keys_enrollment_and_admin_rights(tiny):
         for key in ("sk-unknown", revoked):
             with pytest.raises(anthropic.AuthenticationError):
                 anthropic.Anthropic(base_url=url, api_key=key, max_retries=0).messages.create(
-                    model="claude-opus-4-7", max_tokens=2, messages=HI)
+                    model="claude-opus-5-5", max_tokens=2, messages=HI)
         c = anthropic.Anthropic(base_url=url, api_key=plain, max_retries=0)
         with pytest.raises(anthropic.PermissionDeniedError, match="not enabled for your organization"):
-            c.messages.create(model="claude-opus-4-7", max_tokens=2, speed="fast", messages=HI)
-        assert c.messages.create(model="claude-opus-4-7", max_tokens=2, messages=HI).usage.speed == "standard"
+            c.messages.create(model="claude-opus-5-5", max_tokens=2, speed="fast", messages=HI)
+        assert c.messages.create(model="claude-opus-5-5", max_tokens=2, messages=HI).usage.speed == "standard"
         # the deprecated model falls back before enrollment matters
         assert c.messages.create(model="claude-opus-4-6", max_tokens=2, speed="fast", messages=HI).usage.speed == "standard"
         r = anthropic.Anthropic(base_url=url, api_key=speedy, max_retries=0).messages.with_raw_response.create(
-            model="claude-opus-4-7", max_tokens=2, speed="fast", messages=HI)
+            model="claude-opus-5-5", max_tokens=2, speed="fast", messages=HI)
         assert r.parse().usage.speed == "fast"
         assert r.headers["anthropic-organization-id"] == acc.org("speedy").id
         report = "/v1/organizations/usage_report/messages?starting_at=2020-01-01T00:00:00Z"
@@ -194,7 +226,7 @@ def test_keys_enrollment_and_admin_rights(tiny):
         assert httpx.get(url + report, headers={**h, "x-api-key": admin}).status_code == 200
         with pytest.raises(anthropic.PermissionDeniedError, match="admin API keys"):  # admin keys: admin APIs only
             anthropic.Anthropic(base_url=url, api_key=admin, max_retries=0).messages.create(
-                model="claude-opus-4-7", max_tokens=2, messages=HI)
+                model="claude-opus-5-5", max_tokens=2, messages=HI)
         # only hashes are stored
         stored = {r["key_hash"] for r in platform.db.query("SELECT key_hash FROM api_keys")}
         assert speedy not in stored and len(stored) == 4
@@ -214,14 +246,14 @@ def test_zero_data_retention_writes_no_content(tiny, tmp_path, caplog):
         marker = "ZDR-MARKER-7f3a9c"
         outputs = []
         for speed in ("fast", "standard"):
-            outputs.append(z.messages.create(model="claude-opus-4-7", max_tokens=20, speed=speed,
+            outputs.append(z.messages.create(model="claude-opus-5-5", max_tokens=20, speed=speed,
                                              system=f"system {marker}", messages=[{"role": "user", "content": marker}]))
-        with z.messages.stream(model="claude-opus-4-7", max_tokens=20, messages=[{"role": "user", "content": marker}]) as s:
+        with z.messages.stream(model="claude-opus-5-5", max_tokens=20, messages=[{"role": "user", "content": marker}]) as s:
             outputs.append(s.get_final_message())
-        z.messages.count_tokens(model="claude-opus-4-7", messages=[{"role": "user", "content": marker}])
+        z.messages.count_tokens(model="claude-opus-5-5", messages=[{"role": "user", "content": marker}])
         with pytest.raises(anthropic.PermissionDeniedError, match="zero data retention"):
             z.messages.batches.create(requests=[{"custom_id": "a", "params": {
-                "model": "claude-opus-4-7", "max_tokens": 5, "messages": [{"role": "user", "content": marker}]}}])
+                "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": marker}]}}])
         texts = [m.content[0].text for m in outputs if m.content and len(m.content[0].text) >= 8]
         assert len(platform.db.query("SELECT * FROM usage WHERE org_id = ?", (platform.accounts.org("secret").id,))) == 3
 
@@ -235,7 +267,7 @@ def test_zero_data_retention_writes_no_content(tiny, tmp_path, caplog):
         control = "CONTROL-MARKER-51d2e8"
         n = anthropic.Anthropic(base_url=url, api_key=nkey, max_retries=0)
         n.messages.batches.create(requests=[{"custom_id": "a", "params": {
-            "model": "claude-opus-4-7", "max_tokens": 5, "messages": [{"role": "user", "content": control}]}}])
+            "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": control}]}}])
         assert leaked([control]) == [control]
 
 
@@ -246,12 +278,12 @@ def test_fast_pool_is_separate_and_429s_carry_retry_after(tiny):
     limits = {"fast": {"output_tokens_per_minute": 100}, "standard": {"output_tokens_per_minute": 1000}}
     with catalog_server(tiny, limits=limits, clock=clock) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
-        std_before = c.messages.with_raw_response.create(model="claude-opus-4-7", max_tokens=1, messages=HI).headers
-        r = c.messages.with_raw_response.create(model="claude-opus-4-7", max_tokens=90, speed="fast", messages=HI)
+        std_before = c.messages.with_raw_response.create(model="claude-opus-5-5", max_tokens=1, messages=HI).headers
+        r = c.messages.with_raw_response.create(model="claude-opus-5-5", max_tokens=90, speed="fast", messages=HI)
         used = r.parse().usage.output_tokens
         assert int(r.headers["anthropic-fast-output-tokens-remaining"]) == 10  # the whole reservation is held
         with pytest.raises(anthropic.RateLimitError) as e:
-            c.messages.create(model="claude-opus-4-7", max_tokens=90, speed="fast", messages=HI)
+            c.messages.create(model="claude-opus-5-5", max_tokens=90, speed="fast", messages=HI)
         h = e.value.response.headers
         # the unused part of the first reservation came back when it finished
         expected_ms = (90 - (10 + 90 - used)) * 600
@@ -260,13 +292,13 @@ def test_fast_pool_is_separate_and_429s_carry_retry_after(tiny):
         assert h["anthropic-fast-output-tokens-remaining"] == str(100 - used)
         assert "fast" in e.value.message
         # the standard pool is untouched by the fast one
-        std = c.messages.with_raw_response.create(model="claude-opus-4-7", max_tokens=1, messages=HI).headers
+        std = c.messages.with_raw_response.create(model="claude-opus-5-5", max_tokens=1, messages=HI).headers
         assert int(std["anthropic-ratelimit-output-tokens-remaining"]) >= int(std_before["anthropic-ratelimit-output-tokens-remaining"]) - 1
         assert std["anthropic-fast-output-tokens-remaining"] == str(100 - used)  # fast capacity shown on standard responses
         clock.t += expected_ms / 1000
-        assert c.messages.create(model="claude-opus-4-7", max_tokens=90, speed="fast", messages=HI).usage.speed == "fast"
+        assert c.messages.create(model="claude-opus-5-5", max_tokens=90, speed="fast", messages=HI).usage.speed == "fast"
         with pytest.raises(anthropic.RateLimitError) as e:  # can never fit: no retry-after, x-should-retry false
-            c.messages.create(model="claude-opus-4-7", max_tokens=101, speed="fast", messages=HI)
+            c.messages.create(model="claude-opus-5-5", max_tokens=101, speed="fast", messages=HI)
         assert e.value.response.headers["x-should-retry"] == "false" and "retry-after" not in e.value.response.headers
 
 
@@ -275,10 +307,10 @@ def test_sdk_default_retries_succeed_once_retry_after_has_passed(tiny):
     with catalog_server(tiny, limits=limits) as (url, platform):
         quick = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         retrying = anthropic.Anthropic(base_url=url, api_key="k")  # the SDK default: 2 retries
-        n = quick.messages.count_tokens(model="claude-opus-4-7", messages=[{"role": "user", "content": "x" * 1000}])
-        quick.messages.create(model="claude-opus-4-7", max_tokens=1, speed="fast",
+        n = quick.messages.count_tokens(model="claude-opus-5-5", messages=[{"role": "user", "content": "x" * 1000}])
+        quick.messages.create(model="claude-opus-5-5", max_tokens=1, speed="fast",
                               messages=[{"role": "user", "content": "x" * (1000 + 1160 - n.input_tokens)}])
-        r = retrying.messages.with_raw_response.create(model="claude-opus-4-7", max_tokens=1, speed="fast",
+        r = retrying.messages.with_raw_response.create(model="claude-opus-5-5", max_tokens=1, speed="fast",
                                                        messages=[{"role": "user", "content": "y" * 30}])
         assert r.parse().usage.speed == "fast"
         assert r.retries_taken >= 1  # refused first (429 + retry-after), then admitted
@@ -288,9 +320,9 @@ def test_client_kit_falls_back_to_standard_on_a_fast_429(tiny):
     limits = {"fast": {"output_tokens_per_minute": 10}}
     with catalog_server(tiny, limits=limits, clock=Clock()) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k")
-        result = create_message_with_fast_fallback(c, model="claude-opus-4-7", max_tokens=50, speed="fast", messages=HI)
+        result = create_message_with_fast_fallback(c, model="claude-opus-5-5", max_tokens=50, speed="fast", messages=HI)
         assert result.fell_back and result.speed == "standard" and result.message.usage.speed == "standard"
-        ok = create_message_with_fast_fallback(c, model="claude-opus-4-7", max_tokens=5, speed="fast", messages=HI)
+        ok = create_message_with_fast_fallback(c, model="claude-opus-5-5", max_tokens=5, speed="fast", messages=HI)
         assert not ok.fell_back and ok.speed == "fast"
 
 
@@ -305,7 +337,7 @@ def test_concurrent_clients_never_pass_the_limit_by_more_than_one_reservation(ti
             barrier.wait()
             for j in range(4):
                 try:
-                    m = c.messages.create(model="claude-opus-4-7", max_tokens=10 + (i * 7 + j * 3) % (max_tok - 9),
+                    m = c.messages.create(model="claude-opus-5-5", max_tokens=10 + (i * 7 + j * 3) % (max_tok - 9),
                                           speed="fast", messages=[{"role": "user", "content": f"go {i} {j}"}])
                     with lock:
                         admitted.append(m.usage.output_tokens)
@@ -330,8 +362,8 @@ def test_every_request_writes_one_priced_row_cancelled_streams_included(tiny):
     with catalog_server(tiny) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         b = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
-        cases = [dict(model="claude-opus-4-8", extra={}), dict(model="claude-opus-4-8", extra={"speed": "fast"}),
-                 dict(model="claude-opus-4-7", extra={"speed": "fast", "inference_geo": "us"})]
+        cases = [dict(model="claude-opus-5", extra={}), dict(model="claude-opus-5", extra={"speed": "fast"}),
+                 dict(model="claude-opus-5-5", extra={"speed": "fast", "inference_geo": "us"})]
         for case in cases:
             r = b.beta.messages.with_raw_response.create(model=case["model"], max_tokens=8, messages=HI, betas=[BETA],
                                                          **case["extra"])
@@ -344,7 +376,7 @@ def test_every_request_writes_one_priced_row_cancelled_streams_included(tiny):
             assert (row["uncached_input_tokens"], row["output_tokens"]) == (m.usage.input_tokens, m.usage.output_tokens)
         assert platform.db.query("SELECT multiplier FROM usage WHERE inference_geo = 'us'")[0]["multiplier"] == pytest.approx(1.1)
         # a stream the client leaves early still writes its row, marked canceled
-        with c.messages.with_streaming_response.create(model="claude-opus-4-7", max_tokens=300, stream=True,
+        with c.messages.with_streaming_response.create(model="claude-opus-5-5", max_tokens=300, stream=True,
                                                        messages=HI) as resp:
             rid = resp.headers["request-id"]
             next(resp.iter_lines())
@@ -358,8 +390,8 @@ def test_usage_report_by_speed_matches_the_requests_token_for_token(tiny):
     with catalog_server(tiny) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         sent: dict[tuple[str, str], list[int]] = {}
-        for i, (model, speed) in enumerate([("claude-opus-4-7", "fast"), ("claude-opus-4-7", "standard"),
-                                            ("claude-opus-4-6", "fast"), ("claude-opus-4-7", "fast"),
+        for i, (model, speed) in enumerate([("claude-opus-5-5", "fast"), ("claude-opus-5-5", "standard"),
+                                            ("claude-opus-4-6", "fast"), ("claude-opus-5-5", "fast"),
                                             ("claude-sonnet-4-6", "standard")]):
             m = c.messages.create(model=model, max_tokens=5 + i, speed=speed,
                                   messages=[{"role": "user", "content": "hello " * (i + 1)}])
@@ -410,7 +442,7 @@ def test_batches_through_the_sdk(tiny):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         batch = c.messages.batches.create(requests=[
             {"custom_id": "std", "params": {"model": "claude-opus-4-8", "max_tokens": 8, "messages": HI}},
-            {"custom_id": "fast", "params": {"model": "claude-opus-4-7", "max_tokens": 8, "speed": "fast", "messages": HI}},
+            {"custom_id": "fast", "params": {"model": "claude-opus-5-5", "max_tokens": 8, "speed": "fast", "messages": HI}},
             {"custom_id": "nomodel", "params": {"model": "", "max_tokens": 8, "messages": HI}},
         ])
         assert batch.id.startswith("msgbatch_") and batch.request_counts.processing == 3
@@ -433,7 +465,7 @@ def test_batches_through_the_sdk(tiny):
 def test_batch_cancel_and_bad_input(tiny):
     with catalog_server(tiny) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
-        many = [{"custom_id": f"r{i}", "params": {"model": "claude-opus-4-7", "max_tokens": 400,
+        many = [{"custom_id": f"r{i}", "params": {"model": "claude-opus-5-5", "max_tokens": 400,
                                                    "messages": [{"role": "user", "content": f"story {i}"}]}}
                 for i in range(40)]
         batch = c.messages.batches.create(requests=many)
@@ -467,7 +499,7 @@ def test_batch_cancel_and_bad_input(tiny):
             assert r.status_code == 400 and "limit" in r.json()["error"]["message"], limit
         # an item whose text cannot be encoded ends errored, and its batch ends
         body = json.dumps({"requests": [{"custom_id": "odd", "params": {  # \ud800 escaped: the SDK cannot send it
-            "model": "claude-opus-4-7", "max_tokens": 5, "messages": [{"role": "user", "content": "x\ud800"}]}}]})
+            "model": "claude-opus-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": "x\ud800"}]}}]})
         r = httpx.post(f"{url}/v1/messages/batches", content=body, headers={**H, "content-type": "application/json"})
         assert wait_ended(c, r.json()["id"]).request_counts.errored == 1
 
@@ -504,7 +536,7 @@ def test_a_request_refused_after_admission_gives_everything_back(tiny):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         for _ in range(4):  # the engine queue is full: 529s, and none of them uses up the pool
             with pytest.raises(anthropic.InternalServerError) as e:
-                c.messages.create(model="claude-opus-4-7", max_tokens=2, messages=HI)
+                c.messages.create(model="claude-opus-5-5", max_tokens=2, messages=HI)
             assert e.value.status_code == 529
         assert platform.db.query("SELECT COUNT(*) AS n FROM usage")[0]["n"] == 0
         org = platform.accounts.org("default")

@@ -11,8 +11,8 @@ import pytest
 from fastmode.platform.db import Database
 from test_platform import catalog_server, ledger
 
-GA = "claude-opus-4-7"  # fast mode GA; its minimum lowered to 256 tokens below
-PREVIEW = "claude-opus-4-8"  # minimum 1024 tokens
+GA = "claude-opus-5-5"  # fast mode GA; its minimum lowered to 256 tokens below
+PREVIEW = "claude-opus-5"  # fast mode in preview; minimum 1024 tokens
 CHANGES = {GA: {"min_cacheable_tokens": 256}}
 
 
@@ -70,7 +70,7 @@ def test_a_system_breakpoint_is_written_then_read(client, server):
                 row["cache_creation_1h_input_tokens"]) == (u.input_tokens, u.cache_creation_input_tokens,
                                                            u.cache_read_input_tokens, 0)
         weighted = u.input_tokens + 1.25 * u.cache_creation_input_tokens + 0.1 * u.cache_read_input_tokens
-        assert row["cost_usd"] == pytest.approx((weighted * 5 + u.output_tokens * 25) / 1e6)  # $5/$25 per MTok
+        assert row["cost_usd"] == pytest.approx((weighted * 4 + u.output_tokens * 20) / 1e6)  # $4/$20 per MTok
 
 
 def test_speeds_never_share_a_cache(client):
@@ -162,7 +162,7 @@ def test_pre_warm_with_max_tokens_0(client):
 
 
 def test_below_the_model_minimum_nothing_is_cached_and_nothing_fails(client):
-    system = [cached(words(100, 40))]  # about 600 tokens: below claude-opus-4-8's 1024
+    system = [cached(words(100, 40))]  # about 600 tokens: below claude-opus-5's 1024
     for _ in range(2):
         u = ask(client, system, model=PREVIEW).parse().usage
         assert (u.cache_creation_input_tokens, u.cache_read_input_tokens) == (0, 0)

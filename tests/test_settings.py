@@ -1,3 +1,5 @@
+from datetime import datetime, timezone
+
 import pytest
 
 from fastmode.cli import build_parser
@@ -65,4 +67,23 @@ def test_engine_settings_must_be_of_their_kind(tmp_path):
             load_settings(cfg)
     cfg.write_text('[engine.fast]\nspeculate = "yes"\n')
     with pytest.raises(SettingsError, match=r"\[engine.fast\]: speculate must be true or false"):
+        load_settings(cfg)
+
+
+def test_fast_mode_removal_dates_are_checked(tmp_path):
+    cfg = tmp_path / "c.toml"
+    model = '[[models]]\nid = "m"\nweights = "tiny-random"\nfast_mode = "deprecated"\n'
+    cfg.write_text(model + 'fast_mode_removed_at = "2026-11-30T00:00:00Z"\n')
+    entry = load_settings(cfg).models[0]
+    assert entry.fast_removal == datetime(2026, 11, 30, tzinfo=timezone.utc).timestamp()
+    assert entry.fast_rejection(entry.fast_removal - 1) is None
+    assert "removed for m on 2026-11-30" in entry.fast_rejection(entry.fast_removal)
+    cfg.write_text(model + "fast_mode_removed_at = 2026-11-30T01:00:00+01:00\n")  # a TOML date-time works too
+    assert load_settings(cfg).models[0].fast_removal == entry.fast_removal
+    for bad in ('"2026-11-30"', '"yesterday"', "2026-11-30T00:00:00", '"2026-11-30T00:00:00"', "2026-11-30"):
+        cfg.write_text(model + f"fast_mode_removed_at = {bad}\n")
+        with pytest.raises(SettingsError, match="fast_mode_removed_at"):
+            load_settings(cfg)
+    cfg.write_text(model.replace('"deprecated"', '"sunset"'))
+    with pytest.raises(SettingsError, match="deprecated"):  # the message lists the statuses
         load_settings(cfg)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 import fnmatch
 from dataclasses import dataclass, field, fields
+from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 THINKING_TYPES = ("enabled", "adaptive", "disabled", "between_tools")
@@ -19,6 +21,7 @@ class CatalogError(ValueError):
 class FastMode(str, enum.Enum):
     GA = "ga"  # speed "fast" works without a beta header
     PREVIEW = "preview"  # needs anthropic-beta: fast-mode-2026-02-01
+    DEPRECATED = "deprecated"  # still runs, and needs the beta header, until fast_mode_removed_at
     DEPRECATED_FALLBACK = "deprecated-fallback"  # runs at standard speed and price, silently
     REMOVED = "removed"  # 400
     UNSUPPORTED = "unsupported"  # 400
@@ -54,6 +57,7 @@ class ModelEntry:
     effort_levels: tuple[str, ...] = ("low", "medium", "high", "max")  # empty: output_config.effort is a 400
     sampling_params: bool = True  # false: a non-default temperature, top_p or top_k is a 400
     fast_mode: FastMode = FastMode.GA
+    fast_mode_removed_at: str | None = None  # RFC 3339: from then on speed "fast" is a 400, as if removed
     inference_geos: tuple[str, ...] = ("global", "us")
     created_at: str = "2026-01-01T00:00:00Z"
     lifecycle: str = "active"  # active | deprecated
@@ -64,14 +68,30 @@ class ModelEntry:
     def name(self) -> str:
         return self.display_name or self.id
 
-    def fast_rejection(self) -> str | None:
-        """Why `speed: "fast"` is a 400 for this model, or None."""
-        if self.fast_mode is FastMode.REMOVED:
-            return (f"speed: fast mode has been removed for {self.id}; it serves standard speed only. "
+    @cached_property
+    def fast_removal(self) -> float | None:
+        """fast_mode_removed_at as a Unix time, or None."""
+        return None if self.fast_mode_removed_at is None else _timestamp(self.fast_mode_removed_at)
+
+    def fast_rejection(self, now: float) -> str | None:
+        """Why `speed: "fast"` is a 400 for this model at Unix time `now`, or None."""
+        removal = self.fast_removal
+        if self.fast_mode is FastMode.REMOVED or (removal is not None and now >= removal
+                                                  and self.fast_mode is not FastMode.UNSUPPORTED):
+            when = f" on {self.fast_mode_removed_at}" if removal is not None and now >= removal else ""
+            return (f"speed: fast mode was removed for {self.id}{when}; it serves standard speed only. "
                     f"Remove the `speed` parameter, or use a model with fast mode.")
         if self.fast_mode is FastMode.UNSUPPORTED:
             return f"speed: {self.id} does not support the `speed` parameter value \"fast\"."
         return None
+
+
+def _timestamp(text: str) -> float:
+    """An RFC 3339 date and time (with Z or an offset) as a Unix time; ValueError if it is not one."""
+    when = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if when.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone (end it with Z or an offset)")
+    return when.timestamp()
 
 
 def entry_from_table(raw: dict[str, Any], where: str) -> ModelEntry:
@@ -112,6 +132,17 @@ def entry_from_table(raw: dict[str, Any], where: str) -> ModelEntry:
     for key in ("context_window", "max_output_tokens", "min_cacheable_tokens"):
         if key in raw and (not isinstance(raw[key], int) or raw[key] < 1):
             raise CatalogError(f"{where}: `{key}` must be a positive integer")
+    removed_at = raw.get("fast_mode_removed_at")
+    if isinstance(removed_at, datetime) and removed_at.tzinfo is not None:  # a TOML date-time with an offset
+        removed_at = kw["fast_mode_removed_at"] = removed_at.isoformat().replace("+00:00", "Z")
+    if removed_at is not None:
+        try:
+            if not isinstance(removed_at, str):
+                raise ValueError("not a string")
+            _timestamp(removed_at)
+        except ValueError:
+            raise CatalogError(f"{where}: `fast_mode_removed_at` must be a date and time with a time zone, "
+                               f"such as 2026-11-30T00:00:00Z") from None
     if kw.get("lifecycle", "active") not in ("active", "deprecated"):
         raise CatalogError(f"{where}: `lifecycle` is active or deprecated")
     return ModelEntry(**kw)

@@ -103,7 +103,7 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     req = parse_messages_request(body, version, for_count=for_count)
     entry = resolve_model(state, req.model)
     check_model_params(req, entry)
-    speed = resolve_speed(req, entry, org, beta, batch=batch)
+    speed = resolve_speed(req, entry, org, beta, state.platform.clock(), batch=batch)
     tier = "batch" if batch else resolve_service_tier(req, org, speed)
     instruction = effort_instruction(req)
     if instruction:

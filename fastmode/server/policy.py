@@ -48,9 +48,9 @@ def check_model_params(req: MessagesRequest, entry: ModelEntry) -> None:
                              f"output tokens for {entry.id}")
 
 
-def resolve_speed(req: MessagesRequest, entry: ModelEntry, org: Organization, betas: set[str],
+def resolve_speed(req: MessagesRequest, entry: ModelEntry, org: Organization, betas: set[str], now: float,
                   *, batch: bool = False) -> str:
-    """The speed that runs: 'fast' or 'standard' (the deprecated fallback), or a 4xx."""
+    """The speed that runs at Unix time `now`: 'fast' or 'standard' (the deprecated fallback), or a 4xx."""
     if req.speed != "fast":
         return "standard"
     if batch:
@@ -61,11 +61,13 @@ def resolve_speed(req: MessagesRequest, entry: ModelEntry, org: Organization, be
                              "speed \"fast\" without service_tier \"priority\", or drop `speed`")
     if entry.fast_mode is FastMode.DEPRECATED_FALLBACK:
         return "standard"  # silently, at standard price; usage.speed says so
-    rejection = entry.fast_rejection()
+    rejection = entry.fast_rejection(now)
     if rejection:
         raise InvalidRequest(rejection)
-    if entry.fast_mode is FastMode.PREVIEW and FAST_BETA not in betas:
-        raise InvalidRequest(f"speed: fast mode for {entry.id} is in research preview and requires the beta "
+    if entry.fast_mode in (FastMode.PREVIEW, FastMode.DEPRECATED) and FAST_BETA not in betas:
+        status = ("is in research preview" if entry.fast_mode is FastMode.PREVIEW else
+                  "is deprecated" + (f" (removal on {entry.fast_mode_removed_at})" if entry.fast_mode_removed_at else ""))
+        raise InvalidRequest(f"speed: fast mode for {entry.id} {status} and requires the beta "
                              f"header `anthropic-beta: {FAST_BETA}`")
     if not org.fast_mode:
         raise PermissionDenied("Fast mode is not enabled for your organization. Ask the server's operator to "
