@@ -59,6 +59,25 @@ def test_tools_are_accepted(client):
     assert m.stop_reason in ("end_turn", "max_tokens", "tool_use") and m.content
 
 
+def test_a_forced_tool_choice_gets_a_tool_use_block_in_both_lanes(client):
+    """The reply starts with the named tool's call, so the model writes its arguments (the
+    default model's greedy arguments read as JSON here) and the reply is a tool_use block."""
+    tools = [{"name": "get_weather", "description": "Current weather for a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+             {"name": "get_time", "description": "Current time in a time zone",
+              "input_schema": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}]
+    kw = dict(model=DEFAULT_MODEL, max_tokens=80, tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
+              messages=[{"role": "user", "content": "What's the weather in Paris?"}])
+    replies = [client.messages.create(**kw), client.messages.create(speed="fast", **kw)]
+    with client.messages.stream(**kw) as s:
+        replies.append(s.get_final_message())
+    for m in replies:
+        assert m.stop_reason == "tool_use", m.content
+        assert [b.type for b in m.content] == ["tool_use"] and m.content[0].name == "get_weather"
+        assert isinstance(m.content[0].input, dict)
+    assert replies[0].content[0].input == replies[1].content[0].input == replies[2].content[0].input
+
+
 def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(served):
     state, client = served
     items = [json.loads(line) for line in (WORKLOADS / "dev.jsonl").read_text().splitlines() if line.strip()]

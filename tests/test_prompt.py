@@ -1,5 +1,7 @@
 """Rendering API content into the chat template, and parsing tool calls back out."""
-from fastmode.server.prompt import parse_output, render_prompt
+import json
+
+from fastmode.server.prompt import forced_tool_prefix, parse_output, render_prompt
 from fastmode.server.validate import parse_messages_request
 from fastmode.tokenizer.chat_template import ChatTemplate
 from fastmode.weights.tiny import CHATML_TEMPLATE
@@ -44,3 +46,75 @@ def test_parse_output_turns_tool_calls_into_tool_use_blocks():
     assert out[1]["id"].startswith("toolu_")
     assert parse_output("<tool_call>{broken", TOOLS) == [{"type": "text", "text": "<tool_call>{broken"}]
     assert parse_output("plain", []) == [{"type": "text", "text": "plain"}]
+
+
+def test_a_required_tool_call_is_started_for_the_model():
+    two = TOOLS + [{"name": "get_time", "input_schema": {}}]
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    for choice, tools, prefix in (
+            ({"type": "tool", "name": "get_time"}, two, '<tool_call>{"name": "get_time", "arguments": '),
+            ({"type": "any"}, TOOLS, '<tool_call>{"name": "get_weather", "arguments": '),  # one tool: named
+            ({"type": "any"}, two, '<tool_call>{"name": "'),
+            ({"type": "auto"}, two, ""), ({"type": "none"}, two, ""), (None, two, "")):
+        body = {"tools": tools, "messages": msgs, **({"tool_choice": choice} if choice else {})}
+        req = parse_messages_request({"model": "m", "max_tokens": 5, **body}, "2023-06-01")
+        assert forced_tool_prefix(req) == prefix
+        assert render(body).endswith("<|im_start|>assistant\n" + prefix)
+
+
+def test_parse_output_reads_the_call_object_and_keeps_the_text_before_it_as_streamed():
+    out = parse_output('See: <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}} trailing</tool_call>', TOOLS)
+    assert out[0] == {"type": "text", "text": "See: "}  # as the stream sent it, trailing space included
+    assert out[1]["input"] == {"city": "Oslo"}
+    unclosed = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}\n'
+    assert parse_output(unclosed, TOOLS)[0]["input"] == {"city": "Rome"}
+    assert parse_output('<tool_call>{"name": "nope", "arguments": {}}', TOOLS)[0]["type"] == "text"
+
+
+def test_streamed_blocks_add_up_to_the_non_streamed_ones():
+    """The SSE stream of a reply whose text was streamed before a held-back tail (a tool call,
+    or a malformed one that stays text) gives the same blocks as the non-streamed reply."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from fastmode.server.generation import Outcome
+    from fastmode.server.messages import _stream
+
+    class Gen:
+        def __init__(self, sent, tail):
+            self.sent, self.outcome = sent, Outcome(text=sent, tail=tail, output_tokens=3, stop_reason="end_turn")
+
+        async def admitted(self):
+            pass
+
+        async def stream(self):
+            yield self.sent
+
+    prep = SimpleNamespace(entry=SimpleNamespace(id="m"), req=SimpleNamespace(tools=TOOLS),
+                           usage=lambda n, cache=None: {"input_tokens": 1, "output_tokens": n})
+
+    async def events(gen):
+        return [chunk async for chunk in _stream(gen, "msg_1", prep)]
+
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    for sent, tail in (("Let me check. ", call), ("Let me check. ", "<tool_call>{broken"), ("", "<tool_call>{broken")):
+        blocks: list[dict] = []
+        stop = None
+        for raw in asyncio.run(events(Gen(sent, tail))):
+            event = json.loads(raw.decode().split("data: ", 1)[1])
+            if event["type"] == "content_block_start":
+                assert event["index"] == len(blocks)
+                blocks.append(dict(event["content_block"]))
+            elif event["type"] == "content_block_delta":
+                d = event["delta"]
+                if d["type"] == "text_delta":
+                    blocks[event["index"]]["text"] += d["text"]
+                else:
+                    blocks[event["index"]]["input"] = json.loads(d["partial_json"])
+            elif event["type"] == "message_delta":
+                stop = event["delta"]["stop_reason"]
+        expect = parse_output(sent + tail, TOOLS)
+        for b in blocks + expect:
+            b.pop("id", None)
+        assert blocks == expect, (sent, tail)
+        assert stop == ("tool_use" if any(b["type"] == "tool_use" for b in expect) else "end_turn")

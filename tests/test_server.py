@@ -85,6 +85,15 @@ def test_temperature_rules_per_api_version(url, client):
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, 400, "image"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "prompt is too long"),
     ({"model": MODEL, "max_tokens": 10 ** 6, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
+    ({"model": MODEL, "max_tokens": 5, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "x"}]},
+     400, "needs at least one tool"),
+    ({"model": MODEL, "max_tokens": 5, "tools": [{"name": "a", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "b"},
+      "messages": [{"role": "user", "content": "x"}]}, 400, "'b' is not one of the tools"),
+    ({"model": MODEL, "max_tokens": 5, "tools": [{"name": "a", "input_schema": {}}, {"name": "a", "input_schema": {}}],
+      "messages": [{"role": "user", "content": "x"}]}, 400, "tool names must be unique"),
+    ({"model": MODEL, "max_tokens": 5, "metadata": {"user_id": 5}, "messages": [{"role": "user", "content": "x"}]},
+     400, "metadata.user_id"),
+    ({"model": MODEL, "max_tokens": 5, "metadata": "u1", "messages": [{"role": "user", "content": "x"}]}, 400, "metadata"),
 ])
 def test_bad_input_gets_a_4xx_anthropic_error(url, body, status, needle):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -243,3 +252,24 @@ def test_leaving_right_after_message_start_or_mid_request_frees_blocks(tiny_serv
     with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up
         httpx.post(url + "/v1/messages", json=body, headers=V, timeout=0.3)
     assert wait_all_free(state)
+
+
+def test_a_forced_tool_choice_starts_the_reply_with_the_tool_call(client):
+    """tool_choice "tool" makes the reply start with that tool's call: a tool_use block when the
+    model's arguments read as JSON, else text that starts with the call (tiny-random's random
+    tokens); streamed or not, the same blocks."""
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}, {"name": "other", "input_schema": {}}]
+    kw = dict(model=MODEL, max_tokens=12, tools=tools, tool_choice={"type": "tool", "name": "get_weather"},
+              messages=[{"role": "user", "content": "weather?"}])
+    m = client.messages.create(**kw)
+    with client.messages.stream(**kw) as s:
+        streamed = s.get_final_message()
+    first = m.content[0]
+    if first.type == "tool_use":
+        assert first.name == "get_weather" and m.stop_reason == "tool_use"
+    else:
+        assert first.text.startswith('<tool_call>{"name": "get_weather", "arguments": ')
+    strip = lambda msg: [{k: v for k, v in b.model_dump().items() if k != "id"} for b in msg.content]
+    assert strip(m) == strip(streamed) and m.stop_reason == streamed.stop_reason
+    n = client.messages.count_tokens(**{k: v for k, v in kw.items() if k != "max_tokens"}).input_tokens
+    assert n == m.usage.input_tokens  # the call's start is part of the prompt

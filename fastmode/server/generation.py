@@ -44,11 +44,12 @@ class Generation:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                  lane: Lane, stop_sequences: list[str], hold_tool_calls: bool, priority: int = 0,
-                 cache: CacheSpec | None = None) -> None:
+                 cache: CacheSpec | None = None, prefix: str = "") -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt_ids, self.params, self.lane = prompt_ids, params, lane
         self.stops = stop_sequences
         self.hold_tool_calls = hold_tool_calls
+        self.prefix = prefix  # text the prompt ends with that the output continues (a forced tool call's start)
         self.priority = priority
         self.cache = cache
         self.request_id = new_id("gen_")
@@ -97,7 +98,7 @@ class Generation:
     async def stream(self) -> AsyncIterator[str]:
         inbox = self._inbox
         decoder = IncrementalDecoder(self.tokenizer)
-        out, text, sent = self.outcome, "", 0  # text[:sent] has been yielded
+        out, text, sent = self.outcome, self.prefix, 0  # text[:sent] has been yielded
         finished = False
         try:
             while not finished:
@@ -135,7 +136,7 @@ class Generation:
         if not self.stops:
             return None
         longest = max(len(s) for s in self.stops)
-        start = max(0, sent - longest)
+        start = max(len(self.prefix), sent - longest)  # a stop sequence is looked for in the output only
         hits = [(text.find(s, start), s) for s in self.stops]
         hits = [(i, s) for i, s in hits if i >= 0]
         if not hits:

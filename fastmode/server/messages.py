@@ -25,7 +25,7 @@ from fastmode.server.generation import Generation, GenerationAborted
 from fastmode.server.http import ClientGone, betas, json_body, log
 from fastmode.server.policy import check_model_params, effort_instruction, resolve_service_tier, resolve_speed
 from fastmode.server.caching import cache_spec
-from fastmode.server.prompt import breakpoint_ttl, parse_output, render_marked, render_prompt
+from fastmode.server.prompt import breakpoint_ttl, forced_tool_prefix, parse_output, render_marked, render_prompt
 from fastmode.server.state import Backend, ServerState
 from fastmode.server.validate import MessagesRequest, cacheable_blocks, parse_messages_request
 
@@ -141,7 +141,7 @@ def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
     lane = Lane.FAST if prep.speed == "fast" else Lane.STANDARD
     gen = Generation(prep.backend.engine, prep.backend.loaded.tokenizer, prep.ids, sampling(prep), lane,
                      prep.req.stop_sequences, hold_tool_calls=bool(prep.req.tools),
-                     priority=PRIORITY[prep.service_tier], cache=prep.cache)
+                     priority=PRIORITY[prep.service_tier], cache=prep.cache, prefix=forced_tool_prefix(prep.req))
     try:
         gen.start()
     except EngineOverloaded as e:
@@ -291,13 +291,19 @@ async def _stream(gen: Generation, msg_id: str, prep: Prepared) -> AsyncIterator
         log.exception("generation failed")
         yield _sse("error", {"type": "error", "error": {"type": "api_error", "message": "Internal server error"}})
         return
-    if text_open:
-        yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
-        index += 1
     out = gen.outcome
     stop = out.stop_reason
+    # the held-back tail: tool calls, or text (a malformed call stays text) that continues the
+    # open text block, so the stream adds up to the blocks a non-streamed reply has
     for block in parse_output(out.tail, prep.req.tools) if out.tail else []:
-        if block["type"] == "text":  # a malformed tool call stays text
+        if block["type"] == "text" and text_open:
+            yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                               "delta": {"type": "text_delta", "text": block["text"]}})
+            continue
+        if text_open:
+            yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+            index, text_open = index + 1, False
+        if block["type"] == "text":
             start, delta = {"type": "text", "text": ""}, {"type": "text_delta", "text": block["text"]}
         else:
             stop = "tool_use"
@@ -305,8 +311,13 @@ async def _stream(gen: Generation, msg_id: str, prep: Prepared) -> AsyncIterator
             delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}
         yield _sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": start})
         yield _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+        if block["type"] == "text":
+            text_open = True  # held open: more text of the tail may follow
+            continue
         yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
+    if text_open:
+        yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
     stop_sequence = out.stop_sequence if stop == "stop_sequence" else None
     yield _sse("message_delta", {"type": "message_delta",
                                  "delta": {"stop_reason": stop, "stop_sequence": stop_sequence, "stop_details": None},

@@ -28,6 +28,19 @@ def _tool_prompt(tools: list[dict[str, Any]], choice: dict[str, Any] | None, mar
     return text
 
 
+def forced_tool_prefix(req: MessagesRequest) -> str:
+    """The start of a tool call that the model continues when `tool_choice` requires one: the
+    call's opening and, for type "tool" (or "any" with a single tool), the tool's name, so that
+    the model writes the arguments. Part of the prompt, and of the text parsed into blocks."""
+    choice = (req.tool_choice or {}).get("type")
+    if not req.tools or choice not in ("any", "tool"):
+        return ""
+    if choice == "tool" or len(req.tools) == 1:
+        name = req.tool_choice["name"] if choice == "tool" else req.tools[0]["name"]  # type: ignore[index]
+        return f'{TOOL_OPEN}{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": '
+    return f'{TOOL_OPEN}{{"name": "'
+
+
 def _block_text(block: dict[str, Any], where: str, model: str) -> str:
     t = block["type"]
     if t == "text":
@@ -115,7 +128,7 @@ def _render(req: MessagesRequest, template: ChatTemplate, mark: str) -> str:
     if turns[-1]["role"] == "assistant":
         prefill = _rstrip_keeping(turns.pop()["content"], mark)
     try:
-        return template.render(turns, add_generation_prompt=True) + prefill
+        return template.render(turns, add_generation_prompt=True) + prefill + forced_tool_prefix(req)
     except ChatTemplateError as e:
         raise InvalidRequest(f"messages: {e}") from e
 
@@ -131,15 +144,18 @@ def _rstrip_keeping(text: str, mark: str) -> str:
 
 
 def parse_output(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Model text -> content blocks: text, then a tool_use block per well-formed tool call."""
+    """Model text -> content blocks: the text before the first tool call as it streamed, then a
+    tool_use block per tool call whose JSON object reads (what follows the object up to the
+    call's close is ignored); all text when none does."""
     if not tools or TOOL_OPEN not in text:
         return [{"type": "text", "text": text}] if text else []
     names = {t["name"] for t in tools}
-    head = text[: text.index(TOOL_OPEN)].rstrip()
+    head = text[: text.index(TOOL_OPEN)]
     blocks: list[dict[str, Any]] = [{"type": "text", "text": head}] if head else []
+    decoder = json.JSONDecoder()
     for m in _TOOL_CALL.finditer(text):
         try:
-            call = json.loads(m.group(1))
+            call, _ = decoder.raw_decode(m.group(1))
         except json.JSONDecodeError:
             continue
         if not isinstance(call, dict) or call.get("name") not in names:

@@ -170,6 +170,10 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
                 raise InvalidRequest(f"tools.{i}.name: Field required (a non-empty string)")
             if t.get("type") in (None, "custom") and not isinstance(t.get("input_schema"), dict):
                 raise InvalidRequest(f"tools.{i}.input_schema: Field required (a JSON schema object)")
+        names = [t["name"] for t in tools]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise InvalidRequest(f"tools: tool names must be unique; {', '.join(map(repr, twice))} appears more than once")
         req.tools = tools
     tc = body.get("tool_choice")
     if tc is not None:
@@ -177,7 +181,18 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
             raise InvalidRequest("tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'")
         if tc["type"] == "tool" and not isinstance(tc.get("name"), str):
             raise InvalidRequest("tool_choice.name: Field required when type is 'tool'")
+        if tc["type"] in ("any", "tool") and not req.tools:
+            raise InvalidRequest(f"tool_choice: type {tc['type']!r} needs at least one tool in `tools`")
+        if tc["type"] == "tool" and tc["name"] not in {t["name"] for t in req.tools}:
+            raise InvalidRequest(f"tool_choice.name: {tc['name']!r} is not one of the tools in `tools`")
         req.tool_choice = tc
+    metadata = body.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise InvalidRequest("metadata: Input should be a valid dictionary")
+        user_id = metadata.get("user_id")
+        if user_id is not None and (not isinstance(user_id, str) or len(user_id) > 256):
+            raise InvalidRequest("metadata.user_id: Input should be a string of at most 256 characters, or null")
     speed = body.get("speed")
     if speed is not None and speed not in ("standard", "fast"):
         raise InvalidRequest("speed: Input should be 'standard' or 'fast'")
