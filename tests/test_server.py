@@ -94,6 +94,10 @@ def test_temperature_rules_per_api_version(url, client):
     ({"model": MODEL, "max_tokens": 5, "metadata": {"user_id": 5}, "messages": [{"role": "user", "content": "x"}]},
      400, "metadata.user_id"),
     ({"model": MODEL, "max_tokens": 5, "metadata": "u1", "messages": [{"role": "user", "content": "x"}]}, 400, "metadata"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": ""}]}, 400, "non-empty content"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, 400, "non-empty content"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
+     400, "text content blocks must be non-empty"),
 ])
 def test_bad_input_gets_a_4xx_anthropic_error(url, body, status, needle):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -80,6 +80,8 @@ def _content(value: Any, where: str) -> list[dict[str, Any]]:
                                  f"expected tags: {', '.join(sorted(INPUT_BLOCKS))}")
         if t == "text" and not isinstance(b.get("text"), str):
             raise InvalidRequest(f"{w}.text: Field required (a string)")
+        if t == "text" and not b["text"] and not b.get("cache_control"):  # (with it: the breakpoint rule's 400)
+            raise InvalidRequest(f"{w}.text: text content blocks must be non-empty")
         if t == "tool_use" and (not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str)
                                 or not isinstance(b.get("input", {}), dict)):
             raise InvalidRequest(f"{w}: a tool_use block needs string `id` and `name` and an object `input`")
@@ -142,6 +144,11 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
                   else _content(m["content"], f"messages.{i}.content"))
         if version == "2026-10-21":
             _check_2026_rules(role, blocks, i)
+        if not blocks or m["content"] == "":
+            if role != "assistant" or i != len(raw) - 1:
+                raise InvalidRequest(f"messages.{i}: all messages must have non-empty content except for the "
+                                     f"optional final assistant message")
+            blocks = []  # an empty prefill: the model starts its reply
         messages.append(Message(role, blocks))
     if messages[0].role == "assistant":
         raise InvalidRequest("messages: the first message must use the `user` role")
