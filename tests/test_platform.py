@@ -156,6 +156,10 @@ def test_aliases_and_the_wildcard(client):
     ids = [m.id for m in client.models.list()]
     assert ids == ["claude-opus-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-opus-5", "claude-opus-5-5",
                    "claude-fable-5-2", "claude-mythos-5-2", "claude-sonnet-4-6"]
+    assert [m.id for m in client.models.list(extra_query={"lifecycle[]": "retired"})] == []
+    assert len(client.models.list(extra_query={"lifecycle[]": ["active", "deprecated"]}).data) == len(ids)
+    with pytest.raises(anthropic.BadRequestError, match="lifecycle"):
+        client.models.list(extra_query={"lifecycle[]": "gone"})
     info = client.models.retrieve("claude-opus-4-8")
     assert info.capabilities.thinking.types.adaptive.supported and not info.capabilities.thinking.types.enabled.supported
     assert info.capabilities.effort.low.supported and not info.capabilities.effort.medium.supported
@@ -543,3 +547,14 @@ def test_a_request_refused_after_admission_gives_everything_back(tiny):
         h = platform.snapshot_headers(org, "standard")
         assert h["anthropic-ratelimit-requests-remaining"] == "2"
         assert h["anthropic-ratelimit-input-tokens-remaining"] == "10000"
+
+
+def test_models_list_filters_by_lifecycle(tiny):
+    with catalog_server(tiny, changes={"claude-opus-4-6": {"lifecycle": "deprecated"}}) as (url, _):
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        assert [m.id for m in c.models.list(extra_query={"lifecycle[]": "deprecated"})] == ["claude-opus-4-6"]
+        first = c.models.list(extra_query={"lifecycle[]": "active"}, limit=3)
+        active = [m.id for m in first.data]
+        assert active == ["claude-opus-4-7", "claude-opus-4-8", "claude-opus-5"] and first.has_more  # paged within the filter
+        assert [m.id for m in first][-1] == "claude-sonnet-4-6" and "claude-opus-4-6" not in [m.id for m in first]
+        assert "claude-opus-4-6" in [m.id for m in c.models.list()]  # deprecated ones are listed by default

@@ -18,6 +18,9 @@ from fastmode.server.messages import count_tokens, create_message, resolve_model
 from fastmode.server.state import ServerState, build_state  # noqa: F401  (build_state: the public constructor)
 
 
+LIFECYCLES = ("active", "deprecated", "retired")  # the values of /v1/models' lifecycle[] filter
+
+
 def _supported(flag: bool) -> dict[str, bool]:
     return {"supported": flag}
 
@@ -42,7 +45,13 @@ def _model_info(state: ServerState, e: ModelEntry) -> dict[str, Any]:
 async def list_models(request: Request, state: ServerState) -> Response:
     q = request.query_params
     n = limit_param(request)
-    ids = [e.id for e in state.catalog.entries]
+    wanted = q.getlist("lifecycle[]") + q.getlist("lifecycle")
+    bad = [w for w in wanted if w not in LIFECYCLES]
+    if bad:
+        raise InvalidRequest(f"lifecycle[]: {bad[0]!r} is not one of {', '.join(LIFECYCLES)}")
+    shown = set(wanted or ("active", "deprecated"))  # retired models only on request
+    entries = [e for e in state.catalog.entries if e.lifecycle in shown]
+    ids = [e.id for e in entries]
     for name in ("after_id", "before_id"):
         if q.get(name) is not None and q[name] not in ids:
             raise InvalidRequest(f"{name}: {q[name]!r} is not a model id of this server")
@@ -57,7 +66,7 @@ async def list_models(request: Request, state: ServerState) -> Response:
     else:
         lo, hi = 0, min(n, len(ids))
         has_more = hi < len(ids)
-    page = state.catalog.entries[lo:hi]
+    page = entries[lo:hi]
     data = [_model_info(state, e) for e in page]
     return JSONResponse({"data": data, "has_more": has_more, "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None})
