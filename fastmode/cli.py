@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(see examples/fastmode.toml and examples/anthropic-catalog.toml)")
     s.add_argument("--db", default=None, help="SQLite database of accounts, usage and batches "
                    "(default $FASTMODE_DATA/fastmode.db or ~/.local/share/fastmode/fastmode.db)")
-    s.add_argument("--threads", type=int, default=None, help="threads (default: up to all cores; on the native kernels the count for each "
-                   "pass size is chosen from measured pass times; N fixes it)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="threads (default: up to all cores; on the native kernels the count for each pass size "
+                   "is chosen from measured pass times; N fixes it)")
     s.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (default 65536)")
     s.add_argument("--device", default=None, help="cpu (default) or cuda / cuda:N: where the model runs")
     s.add_argument("--dtype", default=None, choices=DTYPES,

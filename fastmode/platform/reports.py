@@ -2,7 +2,8 @@
 (token counts per time bucket) and the cost report (USD cents per day).
 
 Both take the raw query string as (key, value) pairs, validate every parameter into a
-ReportQueryError naming it (the HTTP edge answers it as a 400), and aggregate in SQL over one page of buckets at a time."""
+ReportQueryError naming it (the HTTP edge answers it as a 400), and aggregate in SQL over one
+page of buckets at a time."""
 from __future__ import annotations
 
 import base64
@@ -15,11 +16,12 @@ from decimal import Context, Decimal, localcontext
 from typing import Any, Iterable, Mapping
 
 from fastmode.platform.catalog import FAST_BETA
+from fastmode.platform.db import Database
 
 
 class ReportQueryError(ValueError):
     """A query parameter a report cannot take, named in the message."""
-from fastmode.platform.db import Database
+
 
 # bucket_width: (seconds, default limit, max limit)
 USAGE_WIDTHS: dict[str, tuple[int, int, int]] = {"1m": (60, 60, 1440), "1h": (3600, 24, 168),
@@ -150,7 +152,7 @@ def _window(p: _Params, now: float, widths: Mapping[str, tuple[int, int, int]]) 
     end_ts = _parse_time("ending_at", raw_end).timestamp() if raw_end is not None else now
     if end_ts <= start_at.timestamp():
         raise ReportQueryError(f"ending_at: must be after starting_at ({_fmt(start_at.timestamp())}); got "
-                             f"{_fmt(end_ts) if raw_end is not None else 'now, ' + _fmt(now)}")
+                               f"{_fmt(end_ts) if raw_end is not None else 'now, ' + _fmt(now)}")
     name = p.one("bucket_width")
     name = "1d" if name is None else name
     if name not in widths:
@@ -162,7 +164,7 @@ def _window(p: _Params, now: float, widths: Mapping[str, tuple[int, int, int]]) 
         limit = int(raw_limit) if re.fullmatch(r"[0-9]{1,9}", raw_limit) else 0
         if not 1 <= limit <= max_limit:
             raise ReportQueryError(f"limit: must be an integer from 1 to {max_limit} for bucket_width {name}; "
-                                 f"got {raw_limit!r}")
+                                   f"got {raw_limit!r}")
     first = math.floor(start_at.timestamp() / width) * width
     total = math.ceil((end_ts - first) / width)
     offset = 0
@@ -171,7 +173,8 @@ def _window(p: _Params, now: float, widths: Mapping[str, tuple[int, int, int]]) 
         cursor = _decode_page(raw_page).timestamp()
         offset = int((cursor - first) // width)
         if cursor != first + offset * width or not 0 <= offset < total:
-            raise ReportQueryError(f"page: {raw_page!r} does not belong to this starting_at, ending_at and bucket_width")
+            raise ReportQueryError(f"page: {raw_page!r} does not belong to this starting_at, ending_at and "
+                                   f"bucket_width")
     stop = min(offset + limit, total)
     return _Window(first + offset * width, width, stop - offset,
                    _encode_page(first + stop * width) if stop < total else None)

@@ -65,8 +65,8 @@ def resolve_speed(req: MessagesRequest, entry: ModelEntry, org: Organization, be
     if rejection:
         raise InvalidRequest(rejection)
     if entry.fast_mode in (FastMode.PREVIEW, FastMode.DEPRECATED) and FAST_BETA not in betas:
-        status = ("is in research preview" if entry.fast_mode is FastMode.PREVIEW else
-                  "is deprecated" + (f" (removal on {entry.fast_mode_removed_at})" if entry.fast_mode_removed_at else ""))
+        removal = f" (removal on {entry.fast_mode_removed_at})" if entry.fast_mode_removed_at else ""
+        status = "is in research preview" if entry.fast_mode is FastMode.PREVIEW else "is deprecated" + removal
         raise InvalidRequest(f"speed: fast mode for {entry.id} {status} and requires the beta "
                              f"header `anthropic-beta: {FAST_BETA}`")
     if not org.fast_mode:

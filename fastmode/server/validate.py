@@ -180,7 +180,8 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         names = [t["name"] for t in tools]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
-            raise InvalidRequest(f"tools: tool names must be unique; {', '.join(map(repr, twice))} appears more than once")
+            raise InvalidRequest(f"tools: tool names must be unique; {', '.join(map(repr, twice))} "
+                                 f"appears more than once")
         req.tools = tools
     tc = body.get("tool_choice")
     if tc is not None:
