@@ -1,6 +1,10 @@
 """Rendering API content into the chat template, and parsing tool calls back out."""
+import asyncio
 import json
+from types import SimpleNamespace
 
+from fastmode.server.generation import Outcome
+from fastmode.server.messages import _stream
 from fastmode.server.prompt import forced_tool_prefix, parse_output, render_prompt
 from fastmode.server.validate import parse_messages_request
 from fastmode.tokenizer.chat_template import ChatTemplate
@@ -74,12 +78,6 @@ def test_parse_output_reads_the_call_object_and_keeps_the_text_before_it_as_stre
 def test_streamed_blocks_add_up_to_the_non_streamed_ones():
     """The SSE stream of a reply whose text was streamed before a held-back tail (a tool call,
     or a malformed one that stays text) gives the same blocks as the non-streamed reply."""
-    import asyncio
-    from types import SimpleNamespace
-
-    from fastmode.server.generation import Outcome
-    from fastmode.server.messages import _stream
-
     class Gen:
         def __init__(self, sent, tail):
             self.sent, self.outcome = sent, Outcome(text=sent, tail=tail, output_tokens=3, stop_reason="end_turn")
