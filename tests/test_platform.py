@@ -154,8 +154,8 @@ def test_aliases_and_the_wildcard(client):
     assert client.messages.create(model="gpt-4o", max_tokens=2, messages=HI).model == "claude-sonnet-4-6"
     assert client.models.retrieve("claude-opus-4-8-latest").id == "claude-opus-4-8"
     ids = [m.id for m in client.models.list()]
-    assert ids == ["claude-opus-4-6", "claude-opus-4-7", "claude-opus-4-8", "claude-opus-5", "claude-opus-5-5",
-                   "claude-fable-5-2", "claude-mythos-5-2", "claude-sonnet-4-6"]
+    assert ids == ["claude-opus-5-5", "claude-fable-5-2", "claude-mythos-5-2", "claude-opus-5", "claude-opus-4-8",
+                   "claude-opus-4-7", "claude-sonnet-4-6", "claude-opus-4-6"]  # newest first
     assert [m.id for m in client.models.list(extra_query={"lifecycle[]": "retired"})] == []
     assert len(client.models.list(extra_query={"lifecycle[]": ["active", "deprecated"]}).data) == len(ids)
     with pytest.raises(anthropic.BadRequestError, match="lifecycle"):
@@ -555,6 +555,7 @@ def test_models_list_filters_by_lifecycle(tiny):
         assert [m.id for m in c.models.list(extra_query={"lifecycle[]": "deprecated"})] == ["claude-opus-4-6"]
         first = c.models.list(extra_query={"lifecycle[]": "active"}, limit=3)
         active = [m.id for m in first.data]
-        assert active == ["claude-opus-4-7", "claude-opus-4-8", "claude-opus-5"] and first.has_more  # paged within the filter
-        assert [m.id for m in first][-1] == "claude-sonnet-4-6" and "claude-opus-4-6" not in [m.id for m in first]
+        assert active == ["claude-opus-5-5", "claude-fable-5-2", "claude-mythos-5-2"] and first.has_more  # paged
+        every = [m.id for m in first]  # the SDK follows the pages (after_id), the filter kept
+        assert every[-1] == "claude-sonnet-4-6" and len(every) == 7 and "claude-opus-4-6" not in every
         assert "claude-opus-4-6" in [m.id for m in c.models.list()]  # deprecated ones are listed by default

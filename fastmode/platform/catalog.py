@@ -69,6 +69,14 @@ class ModelEntry:
         return self.display_name or self.id
 
     @cached_property
+    def released(self) -> float:
+        """created_at as a Unix time (0 if it does not read as a date and time with a zone)."""
+        try:
+            return _timestamp(self.created_at)
+        except ValueError:
+            return 0.0
+
+    @cached_property
     def fast_removal(self) -> float | None:
         """fast_mode_removed_at as a Unix time, or None."""
         return None if self.fast_mode_removed_at is None else _timestamp(self.fast_mode_removed_at)

@@ -51,6 +51,7 @@ async def list_models(request: Request, state: ServerState) -> Response:
         raise InvalidRequest(f"lifecycle[]: {bad[0]!r} is not one of {', '.join(LIFECYCLES)}")
     shown = set(wanted or ("active", "deprecated"))  # retired models only on request
     entries = [e for e in state.catalog.entries if e.lifecycle in shown]
+    entries.sort(key=lambda e: e.released, reverse=True)  # newest first, as the API lists them (stable)
     ids = [e.id for e in entries]
     for name in ("after_id", "before_id"):
         if q.get(name) is not None and q[name] not in ids:
