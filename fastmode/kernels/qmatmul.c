@@ -1055,15 +1055,15 @@ static inline void prefetch_rows(const uint16_t *const *rows, int n, int64_t nex
 }
 
 #ifdef FM_AVX2
-/* o[h][e0 ..) = sum_t p[h][t] v_t / sum, for one chunk of up to 64 values of each v_t (at vo, the
- * chunk's offset in a row): its nz 16-value vectors and, if odd, an 8-value one, kept in
+/* o[h][e0 ..) = sum_t p[h][t] v_t / sum, for one chunk of up to 64 values of each v_t (from e0
+ * on, in the kv head's part at offset `off` of a cache row): its nz 16-value vectors and, if odd, an 8-value one, kept in
  * registers (each output one lane, summed over t in order: the vector width does not change
  * it). The callers pass constant chunk shapes for whole 64-value chunks, so that the loop over
  * keys holds no loop over chunks. */
 #ifdef FM_AVX512
 static inline __attribute__((always_inline)) void weigh_values16(const int nq, const int nz, const int odd,
                                                                   const uint16_t *v, const int64_t *sl, int64_t n,
-                                                                  int64_t stride, int64_t vo, int64_t head_dim,
+                                                                  int64_t stride, int64_t off, int64_t head_dim,
                                                                   int64_t next, float *const *p, const float *inv,
                                                                   float *const *o, int64_t e0) {
     __m512 acc[ATTN_Q][4];
@@ -1073,7 +1073,7 @@ static inline __attribute__((always_inline)) void weigh_values16(const int nq, c
         rest[h] = _mm256_setzero_ps();
     }
     for (int64_t t = 0; t < n; t++) {
-        const uint16_t *vh = v + sl[t] * stride + vo;
+        const uint16_t *vh = v + sl[t] * stride + off + e0;
         if (next) prefetch_rows(&vh, 1, next, head_dim);
         __m512 w[ATTN_Q];
         for (int h = 0; h < nq; h++) w[h] = _mm512_set1_ps(p[h][t]);
@@ -1096,14 +1096,14 @@ static inline __attribute__((always_inline)) void weigh_values16(const int nq, c
 /* The same in 8-value vectors, nv of them. */
 static inline __attribute__((always_inline)) void weigh_values8(const int nq, const int nv, const uint16_t *v,
                                                                  const int64_t *sl, int64_t n, int64_t stride,
-                                                                 int64_t vo, int64_t head_dim, int64_t next,
+                                                                 int64_t off, int64_t head_dim, int64_t next,
                                                                  float *const *p, const float *inv, float *const *o,
                                                                  int64_t e0) {
     __m256 acc[ATTN_Q][8];
     for (int h = 0; h < nq; h++)
         for (int c = 0; c < 8; c++) acc[h][c] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; t++) {
-        const uint16_t *vh = v + sl[t] * stride + vo;
+        const uint16_t *vh = v + sl[t] * stride + off + e0;
         if (next) prefetch_rows(&vh, 1, next, head_dim);
         __m256 w[ATTN_Q];
         for (int h = 0; h < nq; h++) w[h] = _mm256_set1_ps(p[h][t]);
@@ -1223,14 +1223,14 @@ static inline __attribute__((always_inline)) void attend_heads_n(const int nq, c
 #ifdef FM_AVX512
     for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
         const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8; /* 8-value chunks */
-        if (nv == 8) weigh_values16(nq, 4, 0, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
-        else weigh_values16(nq, nv / 2, nv % 2, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
+        if (nv == 8) weigh_values16(nq, 4, 0, v, sl, n, stride, off, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
+        else weigh_values16(nq, nv / 2, nv % 2, v, sl, n, stride, off, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
     }
 #else
     for (int64_t e0 = 0; e0 < head_dim; e0 += 64) {
         const int nv = head_dim - e0 < 64 ? (int)(head_dim - e0) / 8 : 8;
-        if (nv == 8) weigh_values8(nq, 8, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
-        else weigh_values8(nq, nv, v, sl, n, stride, off + e0, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
+        if (nv == 8) weigh_values8(nq, 8, v, sl, n, stride, off, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
+        else weigh_values8(nq, nv, v, sl, n, stride, off, head_dim, e0 == 0 ? next : 0, p, inv, o, e0);
     }
 #endif
 #else

@@ -83,10 +83,10 @@ class ModelEntry:
 
     def fast_rejection(self, now: float) -> str | None:
         """Why `speed: "fast"` is a 400 for this model at Unix time `now`, or None."""
-        removal = self.fast_removal
-        if self.fast_mode is FastMode.REMOVED or (removal is not None and now >= removal
-                                                  and self.fast_mode is not FastMode.UNSUPPORTED):
-            when = f" on {self.fast_mode_removed_at}" if removal is not None and now >= removal else ""
+        removed = (self.fast_removal is not None and now >= self.fast_removal
+                   and self.fast_mode is not FastMode.UNSUPPORTED)
+        if self.fast_mode is FastMode.REMOVED or removed:
+            when = f" on {self.fast_mode_removed_at}" if removed else ""
             return (f"speed: fast mode was removed for {self.id}{when}; it serves standard speed only. "
                     f"Remove the `speed` parameter, or use a model with fast mode.")
         if self.fast_mode is FastMode.UNSUPPORTED:
