@@ -59,6 +59,9 @@ class EngineConfig:
     # Speculating lanes also draft from the model's draft corpus (its own answers to training
     # prompts, searched for the context's suffix), if it has one.
     draft_corpus: bool = True
+    # Speculating lanes also draft from the answers the engine gave earlier requests of the same
+    # scope (the server's: organization, model, speed and end user; see engine/pool.py).
+    draft_pool: bool = True
     # When both lanes are busy the fast lane gets enough passes per standard pass for its
     # requests to run at least `fast_share_target` times a standard stream's speed.
     fast_share_target: float = 2.5

@@ -30,6 +30,23 @@ def test_bench_idle_and_loaded_write_results_and_plot(tiny_server, tmp_path):
     assert loaded["mode"] == "loaded" and loaded["fast_median_otps"] is not None
 
 
+def test_bench_requests_never_draft_from_each_other_and_asked_again_does(tiny_server, tmp_path):
+    url, state = tiny_server
+    engine = state.backends["tiny-random"].engine
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    drafted = engine.stats["pool_drafted"]
+    assert main(["bench", "--url", url, "--workload", str(wl), "--repeats", "2", "--out", str(tmp_path / "idle")]) == 0
+    assert engine.stats["pool_drafted"] == drafted  # each request an end user of its own: no pool
+    accepted = engine.stats["pool_accepted"]
+    assert main(["bench", "--url", url, "--workload", str(wl), "--asked-again", "--out", str(tmp_path / "again")]) == 0
+    res = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert res["mode"] == "asked again" and set(res["categories"]) == {"copy", "chat"}
+    assert res["identical_outputs"] == [2, 2] and all("again_ratio" in row for row in res["categories"].values())
+    assert sorted(s["speed"] for s in res["samples"]) == ["fast", "fast", "fast again", "fast again", "standard", "standard"]
+    assert engine.stats["pool_accepted"] > accepted  # the second fast answer drafted from the first
+
+
 def test_summary_medians_ratios_and_identity():
     def s(cat, speed, otps, ttft, text="t", prompt=0):
         return Sample(cat, prompt, speed, speed, ttft, otps, 10, text)

@@ -103,6 +103,19 @@ def test_greedy_outputs_identical_across_lanes_on_benchmark_prompts(served):
     assert engine.drafter.head.native or not engine.model.native  # on the native kernels once switched on
 
 
+def test_a_question_asked_again_is_drafted_from_the_draft_pool(served):
+    state, client = served
+    engine = state.backends[DEFAULT_MODEL].engine
+    kw = dict(model=DEFAULT_MODEL, max_tokens=80, speed="fast", metadata={"user_id": "pool-test"},
+              messages=[{"role": "user", "content": "Why do leaves change colour in autumn?"}])
+    first = client.messages.create(**kw)
+    before = dict(engine.stats)
+    again = client.messages.create(**kw)
+    assert again.content[0].text == first.content[0].text and again.usage.output_tokens > 20
+    accepted = engine.stats["pool_accepted"] - before["pool_accepted"]
+    assert accepted >= again.usage.output_tokens // 2, engine.stats  # most of the answer came from the pool
+
+
 def test_prompt_cache_hit_reads_the_prefix_and_answers_the_same(client):
     doc = " ".join(f"Line {i}: the ledger of port {i % 7} lists grain, salt and timber." for i in range(90))
     system = [{"type": "text", "text": doc, "cache_control": {"type": "ephemeral"}}]

@@ -6,7 +6,8 @@ import asyncio
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="measure prompt caching instead: TTFT of a long prompt cold, then cached, at each speed")
     p.add_argument("--rounds", type=int, default=5, help="--prompt-cache: documents to run (one per round)")
     p.add_argument("--prompt-tokens", type=int, default=2000, help="--prompt-cache: length of each document")
+    p.add_argument("--asked-again", action="store_true",
+                   help="measure the draft pool instead: each prompt standard, then twice fast as one end user")
 
 
 def load_workload(path: str, categories: str | None) -> list[dict[str, Any]]:
@@ -71,9 +74,12 @@ def load_workload(path: str, categories: str | None) -> list[dict[str, Any]]:
 
 
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, model: str, item: dict[str, Any],
-                      speed: str, index: int, background: bool = False) -> Sample:
+                      speed: str, index: int, background: bool = False, user: str | None = None) -> Sample:
+    # each request an end user of its own unless `user` is given: the server's draft pool, which
+    # drafts from answers the same user was given, must not make a repeated prompt's later runs faster
     body = {"model": model, "max_tokens": args.max_tokens or item.get("max_tokens", 256),
-            "messages": item["messages"], "stream": True, "temperature": 0.0}
+            "messages": item["messages"], "stream": True, "temperature": 0.0,
+            "metadata": {"user_id": user or f"bench-{uuid.uuid4().hex}"}}
     if item.get("system"):
         body["system"] = item["system"]
     if speed == "fast":
@@ -184,6 +190,38 @@ async def run_loaded(client: httpx.AsyncClient, args: argparse.Namespace, model:
     return samples
 
 
+async def run_again(client: httpx.AsyncClient, args: argparse.Namespace, model: str,
+                    items: list[dict[str, Any]]) -> list[Sample]:
+    """Each prompt in the standard lane, then twice in the fast lane as one end user (new for each
+    prompt and repeat): the second fast answer can draft from the first in the server's draft
+    pool, as a regenerated answer or a retried request does."""
+    samples = []
+    bar = tqdm(total=len(items) * args.repeats * 3, desc="bench (asked again)", unit="req")
+    for rep in range(args.repeats):
+        for i, item in enumerate(items):
+            user = f"bench-{uuid.uuid4().hex}"
+            samples.append(await one_request(client, args, model, item, "standard", i))
+            samples.append(await one_request(client, args, model, item, "fast", i, user=user))
+            again = await one_request(client, args, model, item, "fast", i, user=user)
+            samples.append(replace(again, speed="fast again"))
+            bar.update(3)
+    bar.close()
+    return samples
+
+
+def again_table(samples: list[Sample]) -> dict[str, dict[str, float]]:
+    """Per category: median OTPS standard, fast and fast asked again, and the ratios to standard."""
+    table = {}
+    for cat in sorted({s.category for s in samples}):
+        row = {f"{key}_otps": statistics.median(s.otps for s in samples if s.category == cat and s.speed == speed)
+               for key, speed in (("standard", "standard"), ("fast", "fast"), ("again", "fast again"))}
+        if row["standard_otps"]:
+            row["otps_ratio"] = row["fast_otps"] / row["standard_otps"]
+            row["again_ratio"] = row["again_otps"] / row["standard_otps"]
+        table[cat] = row
+    return table
+
+
 def loaded_table(samples: list[Sample]) -> dict[str, dict[str, float]]:
     """Per category: fast medians against the median of all background standard streams."""
     std = [s for s in samples if s.background]
@@ -236,12 +274,30 @@ async def _main(args: argparse.Namespace) -> int:
     items = load_workload(args.workload, args.categories)
     async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(600.0)) as client:
         model = await first_model(client, args)
-        if args.concurrency > 0:
+        if args.asked_again:
+            samples = await run_again(client, args, model, items)
+        elif args.concurrency > 0:
             samples = await run_loaded(client, args, model, items)
         else:
             samples = await run_idle(client, args, model, items)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.asked_again:
+        table = again_table(samples)
+        texts: dict[tuple[str, int], set[str]] = {}
+        for s in samples:
+            texts.setdefault((s.category, s.prompt), set()).add(s.text)
+        same = sum(len(t) == 1 for t in texts.values())
+        result = {"mode": "asked again", "model": model, "categories": table, "identical_outputs": [same, len(texts)]}
+        print(f"{'category':<14}{'std OTPS':>10}{'fast OTPS':>11}{'ratio':>7}{'again OTPS':>12}{'ratio':>7}")
+        for cat, row in table.items():
+            print(f"{cat:<14}{row['standard_otps']:>10.1f}{row['fast_otps']:>11.1f}{row.get('otps_ratio', 0):>7.2f}"
+                  f"{row['again_otps']:>12.1f}{row.get('again_ratio', 0):>7.2f}")
+        print(f"identical greedy outputs (standard, fast, fast again): {same}/{len(texts)} prompts")
+        result["samples"] = [asdict(s) for s in samples]
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        print(f"results: {out / 'results.json'}")
+        return 0
     if args.concurrency > 0:
         table = loaded_table(samples)
         std = [s.otps for s in samples if s.background]

@@ -13,8 +13,10 @@ import torch
 from fastmode.config import EngineConfig
 from fastmode.engine.block_manager import BlockManager
 from fastmode.engine.corpus import DraftCorpus
+from fastmode.engine.corpus import SAMPLED
 from fastmode.engine.corpus import draft_policy as corpus_draft_policy
 from fastmode.engine.head_drafter import HeadDrafter
+from fastmode.engine.pool import POOL_PRIOR, DraftPool
 from fastmode.engine.prefix_cache import CacheSpec, PrefixCache
 from fastmode.engine.request import Lane, Request, SamplingParams, Status, TokenDelta
 from fastmode.engine.runner import Runner, ThreadChooser, max_threads
@@ -71,6 +73,8 @@ class Engine:
         self.corpus: DraftCorpus | None = None
         self.use_draft_corpus(config.draft_corpus)
         self.corpus_policy = corpus_draft_policy(config.max_draft)  # the corpus's: rates of its own
+        self.pool = DraftPool() if config.draft_pool else None
+        self.pool_policy = DraftLengthPolicy(config.max_draft, POOL_PRIOR)  # the pool's, per match length
         self.lookups: dict[str, PromptLookup] = {}
         # request -> this step's proposals: (its policy and match length, or None for the head's; tokens)
         self.proposals: dict[str, list[tuple[tuple[DraftLengthPolicy, int] | None, list[int]]]] = {}
@@ -87,16 +91,19 @@ class Engine:
         self._lock = threading.Lock()
         self._inbox_adds = 0  # requests added but not yet taken from the inbox
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "head_drafted": 0, "head_accepted": 0,
-                      "corpus_drafted": 0, "corpus_accepted": 0}
+                      "corpus_drafted": 0, "corpus_accepted": 0, "pool_drafted": 0, "pool_accepted": 0}
         self.tokens_per_pass: dict[str, float] = {}  # fast requests: running average of tokens a pass
 
     # ---- thread-safe API -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
-            on_delta: Callable[[TokenDelta], None], priority: int = 0, cache: CacheSpec | None = None) -> None:
+            on_delta: Callable[[TokenDelta], None], priority: int = 0, cache: CacheSpec | None = None,
+            pool: str | None = None) -> None:
         """Queue a request. With `cache`, its admission is reported by a delta carrying a
-        CacheResult before any token; `max_tokens` 0 with breakpoints pre-warms the cache."""
+        CacheResult before any token; `max_tokens` 0 with breakpoints pre-warms the cache. With
+        `pool`, a speculating lane drafts from the answers earlier requests of that scope (and
+        lane) were given, and the request's answer joins them (see engine/pool.py)."""
         req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, priority=priority,
-                      cache=cache)
+                      cache=cache, pool=None if pool is None else f"{pool}\0{lane.value}")
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if req.token_budget > capacity:
             raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
@@ -269,6 +276,10 @@ class Engine:
                 kind, found = self.corpus.proposal(lookup.ids, self.config.max_draft, r.params.greedy)
                 sources.append("corpus")
                 proposals.append((self.corpus_policy, kind, found))
+            if self.pool is not None and r.pool is not None:
+                match, found = self.pool.proposal(r.pool, lookup.ids, self.config.max_draft)
+                sources.append("pool")
+                proposals.append((self.pool_policy, match if r.params.greedy or not match else match + SAMPLED, found))
             best, best_k, expected = best_proposal(proposals, rid, rows, self.runner.step_time, room)
             item.drafts, item.draft_source = [], ""
             if best >= 0:
@@ -322,9 +333,9 @@ class Engine:
                 continue
             policy, match = source
             policy.observe(r.request_id, match, proposal, new)
-        if item.draft_source == "corpus":
-            self.stats["corpus_drafted"] += len(item.drafts)
-            self.stats["corpus_accepted"] += accepted
+        if item.draft_source in ("corpus", "pool"):
+            self.stats[f"{item.draft_source}_drafted"] += len(item.drafts)
+            self.stats[f"{item.draft_source}_accepted"] += accepted
         status = Status.RUNNING
         for i, tok in enumerate(new):
             if tok in self.eos:
@@ -348,6 +359,8 @@ class Engine:
 
     def _finish(self, r: Request, status: Status, new: list[int]) -> None:
         self.scheduler.finish(r, status)
+        if self.pool is not None and r.pool is not None and status is not Status.FINISHED_ERROR:
+            self.pool.add(r.pool, r.prompt_ids, r.output_ids)  # what it produced before it ended, if it ran
         self.requests.pop(r.request_id, None)
         self.lookups.pop(r.request_id, None)
         self.proposals.pop(r.request_id, None)
@@ -358,6 +371,7 @@ class Engine:
         self.generators.pop(r.request_id, None)
         self.policy.forget(r.request_id)
         self.corpus_policy.forget(r.request_id)
+        self.pool_policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
         _emit(r, TokenDelta(r.request_id, new, r.status))
 

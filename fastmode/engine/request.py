@@ -72,6 +72,7 @@ class Request:
     priority: int = 0  # within a lane, lower is admitted first (priority tier -1, batches 1)
     cache: CacheSpec | None = None  # prompt caching instructions (None: nothing read or written)
     cache_result: CacheResult | None = None  # what admission read and will write, for usage
+    pool: str | None = None  # the draft pool scope it drafts from and adds its answer to (None: none)
 
     @property
     def token_ids(self) -> list[int]:

@@ -44,7 +44,7 @@ class Generation:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                  lane: Lane, stop_sequences: list[str], hold_tool_calls: bool, priority: int = 0,
-                 cache: CacheSpec | None = None, prefix: str = "") -> None:
+                 cache: CacheSpec | None = None, prefix: str = "", pool: str | None = None) -> None:
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt_ids, self.params, self.lane = prompt_ids, params, lane
         self.stops = stop_sequences
@@ -52,6 +52,7 @@ class Generation:
         self.prefix = prefix  # text the prompt ends with that the output continues (a forced tool call's start)
         self.priority = priority
         self.cache = cache
+        self.pool = pool  # the engine's draft pool scope
         self.request_id = new_id("gen_")
         self.outcome = Outcome()
         self.failed = False  # the engine failed or dropped it (as opposed to a client leaving)
@@ -75,7 +76,7 @@ class Generation:
         if self.cache is None:
             self._admitted.set()  # nothing to report before the first token
         self.engine.add(self.request_id, self.prompt_ids, self.params, self.lane,
-                        lambda d: loop.call_soon_threadsafe(self._deliver, d), self.priority, self.cache)
+                        lambda d: loop.call_soon_threadsafe(self._deliver, d), self.priority, self.cache, self.pool)
 
     def _deliver(self, delta: TokenDelta) -> None:
         if delta.cache is not None:  # the admission report: no tokens

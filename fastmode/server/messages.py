@@ -45,6 +45,7 @@ class Prepared:
     service_tier: str
     inference_geo: str
     cache: CacheSpec | None = None  # prompt caching breakpoints (None: nothing cached or read)
+    pool: str | None = None  # the draft pool scope (engine/pool.py); None: no pool
 
     @property
     def runs_engine(self) -> bool:
@@ -121,8 +122,11 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
         if req.max_tokens > window:
             raise InvalidRequest(f"max_tokens: {req.max_tokens} > {window}, which is the maximum allowed number "
                                  f"of output tokens for {entry.id}")
+    # answers are drafted from for later requests of the same organization, model id, end user
+    # and (the engine adds the lane) speed; zero data retention keeps none
+    pool = None if org.zero_data_retention else f"{namespace}\0{req.user_id or ''}"
     return Prepared(req, entry, backend, ids, speed, tier, req.inference_geo or "global",
-                    None if for_count else cache)
+                    None if for_count else cache, pool)
 
 
 def sampling(prep: Prepared) -> SamplingParams:
@@ -141,7 +145,8 @@ def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
     lane = Lane.FAST if prep.speed == "fast" else Lane.STANDARD
     gen = Generation(prep.backend.engine, prep.backend.loaded.tokenizer, prep.ids, sampling(prep), lane,
                      prep.req.stop_sequences, hold_tool_calls=bool(prep.req.tools),
-                     priority=PRIORITY[prep.service_tier], cache=prep.cache, prefix=forced_tool_prefix(prep.req))
+                     priority=PRIORITY[prep.service_tier], cache=prep.cache, prefix=forced_tool_prefix(prep.req),
+                     pool=prep.pool)
     try:
         gen.start()
     except EngineOverloaded as e:

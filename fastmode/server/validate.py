@@ -44,6 +44,7 @@ class MessagesRequest:
     thinking: dict[str, Any] | None = None
     effort: str | None = None  # output_config.effort
     cache_control: dict[str, Any] | None = None  # top level: automatic caching at the last block
+    user_id: str | None = None  # metadata.user_id: the end user (scopes the draft pool)
 
 
 def _is_int(v: Any) -> bool:
@@ -201,6 +202,7 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         user_id = metadata.get("user_id")
         if user_id is not None and (not isinstance(user_id, str) or len(user_id) > 256):
             raise InvalidRequest("metadata.user_id: Input should be a string of at most 256 characters, or null")
+        req.user_id = user_id
     speed = body.get("speed")
     if speed is not None and speed not in ("standard", "fast"):
         raise InvalidRequest("speed: Input should be 'standard' or 'fast'")
