@@ -69,8 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
             sources.append(f"a corpus of its answers ({len(loaded[w].draft_corpus) // 1000}k tokens)")
         if loaded[w].draft_head is not None and cfg.draft_head:
             sources.append("a trained draft head")
+        if cfg.draft_pool:
+            sources.append("the answers each user was given before")
+        listed = sources[0] if len(sources) == 1 else f"{', '.join(sources[:-1])} and {sources[-1]}"
         print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step; fast lane "
-              f"drafts from {' and '.join(sources)}",
+              f"drafts from {listed}",
               file=sys.stderr, flush=True)
     db_path = _database(args, server)
     platform = Platform(Database(db_path), open_mode=bool(server.get("open_mode", True)), limits=settings.limits)
