@@ -1,4 +1,7 @@
 """The draft pool: earlier answers of the same scope drafted from, never across scopes, lanes or users."""
+import itertools
+import random
+
 import anthropic
 import pytest
 
@@ -64,9 +67,12 @@ def test_all_scopes_together_keep_within_their_token_budget():
     assert pool.proposal("d", [106, 107], 5) == (2, [108]) and pool.proposal("d", [108, 109], 5) == (0, [])
 
 
-def _answer(engine, prompt, pool, lane=Lane.FAST, max_tokens=24):
+_ids = itertools.count()
+
+
+def _answer(engine, prompt, pool, lane=Lane.FAST, max_tokens=24, params=None):
     out, done = [], []
-    engine.add(f"r{len(engine.stats)}-{engine.stats['steps']}", prompt, SamplingParams(max_tokens=max_tokens), lane,
+    engine.add(f"r{next(_ids)}", prompt, params or SamplingParams(max_tokens=max_tokens), lane,
                lambda d: (out.extend(d.token_ids), d.status.finished and done.append(d.status)), pool=pool)
     while not done:
         engine.step()
@@ -86,6 +92,7 @@ def test_the_fast_lane_drafts_a_repeated_answer_from_the_pool_within_its_scope_o
     first = _fast(engine, prompt, "org")  # the standard lane's answer is not in the fast lane's pool
     first_steps, steps = engine.stats["steps"] - steps, engine.stats["steps"]
     assert engine.stats["pool_drafted"] == 0 and engine.pool.tokens("org\0fast") > 0
+    assert engine.pool.tokens("org\0standard") == 0  # a lane that does not draft keeps no pool
     other = _fast(engine, prompt, "other org")
     assert engine.stats["pool_drafted"] == 0
     steps = engine.stats["steps"]
@@ -106,6 +113,52 @@ def test_a_pool_can_be_switched_off_and_a_failed_request_adds_nothing(make_engin
     engine = make_engine()
     engine._finish(engine_request(engine, prompt, [10, 11, 12]), Status.FINISHED_ERROR, [])
     assert len(engine.pool) == 0
+
+
+def test_sampled_and_aborted_requests_use_the_pool_too(make_engine, monkeypatch):
+    monkeypatch.setattr(PromptLookup, "propose", lambda self, k: [])
+    engine = make_engine()
+    prompt = [7, 7, 1, 9, 3, 8, 2]
+    rid = "partial"
+    engine.add(rid, prompt, SamplingParams(max_tokens=200), Lane.FAST, lambda d: None, pool="org")
+    for _ in range(6):
+        engine.step()
+    engine.abort(rid)
+    engine.step()
+    assert rid not in engine.requests and engine.pool.tokens("org\0fast") > 0  # the partial answer kept
+    sampled = SamplingParams(max_tokens=24, temperature=0.8, seed=5)
+    first = _answer(engine, prompt, "user", params=sampled)
+    assert _answer(engine, prompt, "user", params=sampled) == first  # seeded: the same tokens again
+    assert engine.stats["pool_drafted"] > 0 and all(0 <= t < engine.model.arch.vocab_size for t in first)
+
+
+def test_answers_older_than_the_age_limit_are_not_drafted_and_go(monkeypatch):
+    now = [0.0]
+    pool = DraftPool(max_ngram=2, min_ngram=2, lead_in=0, max_tokens=20, max_age=60.0, clock=lambda: now[0])
+    pool.add("a", [], [1, 2, 3])
+    now[0] = 30.0
+    pool.add("b", [], [4, 5, 6])
+    pool.add("a", [], [7, 8, 9, 10, 11, 12])  # a's first generation rolls over to older
+    now[0] = 80.0  # a's older generation (at 0) is stale, its newer one (at 30) and b are not
+    assert pool.proposal("a", [1, 2], 1) == (0, []) and pool.proposal("a", [7, 8], 1) == (2, [9])
+    pool.add("c", [], [1, 2, 3])
+    assert pool.tokens("a") == 7 and pool.total_tokens == 7 + 4 + 4
+    now[0] = 100.0  # everything but c stale
+    assert pool.proposal("b", [4, 5], 1) == (0, [])
+    pool.add("c", [], [5, 6])
+    assert len(pool) == 1 and pool.total_tokens == pool.tokens("c") == 7
+
+
+def test_the_token_count_stays_the_sum_over_scopes_through_rollovers_evictions_and_expiry():
+    rng, now = random.Random(3), [0.0]
+    pool = DraftPool(max_ngram=4, min_ngram=2, lead_in=3, max_tokens=40, max_total_tokens=90, max_scopes=5,
+                     max_age=50.0, clock=lambda: now[0])
+    for _ in range(3000):
+        now[0] += rng.random() * 3
+        pool.add(f"s{rng.randrange(8)}", [rng.randrange(9) for _ in range(rng.randrange(6))],
+                 [rng.randrange(9) for _ in range(rng.randrange(25))])
+        held = sum(pool.tokens(f"s{i}") for i in range(8))
+        assert pool.total_tokens == held <= 90 and len(pool) <= 5
 
 
 def engine_request(engine, prompt, output):

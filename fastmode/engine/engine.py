@@ -73,7 +73,7 @@ class Engine:
         self.corpus: DraftCorpus | None = None
         self.use_draft_corpus(config.draft_corpus)
         self.corpus_policy = corpus_draft_policy(config.max_draft)  # the corpus's: rates of its own
-        self.pool = DraftPool() if config.draft_pool else None
+        self.pool = DraftPool(clock=clock) if config.draft_pool else None
         self.pool_policy = DraftLengthPolicy(config.max_draft, POOL_PRIOR)  # the pool's, per match length
         self.lookups: dict[str, PromptLookup] = {}
         # request -> this step's proposals: (its policy and match length, or None for the head's; tokens)
@@ -103,7 +103,8 @@ class Engine:
         `pool`, a speculating lane drafts from the answers earlier requests of that scope (and
         lane) were given, and the request's answer joins them (see engine/pool.py)."""
         req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, priority=priority,
-                      cache=cache, pool=None if pool is None else f"{pool}\0{lane.value}")
+                      cache=cache, pool=None if pool is None or not self.scheduler.lane_config(lane).speculate
+                      else f"{pool}\0{lane.value}")  # only a lane that drafts keeps a pool
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if req.token_budget > capacity:
             raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
@@ -159,6 +160,7 @@ class Engine:
         if self._thread:
             self._thread.join(timeout=10)
         self._drain_inbox()
+        self.pool = None  # the engine thread may not have stopped: the pool is its alone
         for req in list(self.requests.values()):
             self._finish(req, Status.FINISHED_ABORTED, [])
 
@@ -359,8 +361,6 @@ class Engine:
 
     def _finish(self, r: Request, status: Status, new: list[int]) -> None:
         self.scheduler.finish(r, status)
-        if self.pool is not None and r.pool is not None and status is not Status.FINISHED_ERROR:
-            self.pool.add(r.pool, r.prompt_ids, r.output_ids)  # what it produced before it ended, if it ran
         self.requests.pop(r.request_id, None)
         self.lookups.pop(r.request_id, None)
         self.proposals.pop(r.request_id, None)
@@ -374,6 +374,11 @@ class Engine:
         self.pool_policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
         _emit(r, TokenDelta(r.request_id, new, r.status))
+        if self.pool is not None and r.pool is not None and status is not Status.FINISHED_ERROR:
+            try:  # what it produced before it ended (also when aborted), after its last delta went out
+                self.pool.add(r.pool, r.prompt_ids, r.output_ids)
+            except Exception:
+                log.exception("keeping the answer of %s in the draft pool failed", r.request_id)
 
 
 def resolve_device(name: str) -> torch.device:

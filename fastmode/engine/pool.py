@@ -10,23 +10,27 @@ them, as the corpus does. Verification decides what is kept: a pool changes how 
 answer comes, never what it says.
 
 A scope is whoever may draft from whose answers. The server makes it the organization, the
-model, the speed and the end user (`metadata.user_id`): answers are never drafted for another
-organization, another lane (as prompt caches are never shared across speeds) or another end
-user, whose text would otherwise show in how fast an answer comes. Organizations with zero
-data retention keep no pool.
+model, the speed and the end user (`metadata.user_id`; requests without one share their
+organization's scope): answers are never drafted for another organization, another lane (as
+prompt caches are never shared across speeds) or another end user, whose text would
+otherwise show in how fast an answer comes. Organizations with zero data retention keep no
+pool.
 
 Each scope holds at most `max_tokens` tokens in two generations: answers go into the newer
 one, and when it fills, the older one is dropped and the newer one takes its place. All
-scopes together hold at most `max_total_tokens` (about 0.5 KB each, with their index) and
-`max_scopes` scopes; beyond either, whole scopes are dropped, least recently used first. A
-lookup is a dict probe per n-gram length, longest first; adding an answer indexes the n-grams
-that end before each of its tokens, by their hash (about 1 us a token, when the request
-ends). A hash collision only costs a rejected draft.
+scopes together hold at most `max_total_tokens` (about 0.4 KB each, with their index) and
+`max_scopes` scopes; beyond either, whole scopes are dropped, least recently used first. No
+answer is drafted from once its generation's latest answer is `max_age` seconds old (an hour
+by default); such generations are dropped as the next answer is added. A lookup is a dict probe per n-gram length, longest first; adding an answer
+indexes the n-grams that end before each of its tokens, by their hash (1-2 us a token, when
+the request ends). A hash collision only costs a rejected draft.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from typing import Callable
 
 SEPARATOR = -1  # after each answer: no proposal runs past it
 # Acceptance a pool proposal's draft policy starts from, per match length. Low, with matches of
@@ -42,8 +46,10 @@ class _Generation:
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.next_pos: dict[int, int] = {}
+        self.last_added = float("-inf")  # when its latest answer came (the pool's clock)
 
-    def add(self, lead_in: list[int], answer: list[int], min_ngram: int, max_ngram: int) -> None:
+    def add(self, lead_in: list[int], answer: list[int], min_ngram: int, max_ngram: int, now: float) -> None:
+        self.last_added = now
         start = len(self.tokens)
         self.tokens += lead_in
         first = len(self.tokens)  # the answer's first token
@@ -74,7 +80,8 @@ class _Scope:
 
 class DraftPool:
     def __init__(self, max_ngram: int = 8, min_ngram: int = 4, lead_in: int = 8, max_tokens: int = 32768,
-                 max_total_tokens: int = 131072, max_scopes: int = 256) -> None:
+                 max_total_tokens: int = 131072, max_scopes: int = 256, max_age: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"n-gram lengths {min_ngram}..{max_ngram}: need 1 <= min_ngram <= max_ngram")
         if max_tokens < 2 * (lead_in + 3) or max_total_tokens < max_tokens or max_scopes < 1:
@@ -82,8 +89,20 @@ class DraftPool:
                              f"after their lead-ins), all scopes at least one scope's tokens, and 1 scope")
         self.max_ngram, self.min_ngram, self.lead_in = max_ngram, min_ngram, lead_in
         self.max_tokens, self.max_total_tokens, self.max_scopes = max_tokens, max_total_tokens, max_scopes
-        self._scopes: OrderedDict[str, _Scope] = OrderedDict()
+        self.max_age, self.clock = max_age, clock
+        self._scopes: OrderedDict[str, _Scope] = OrderedDict()  # least recently added to first
         self.total_tokens = 0  # over all scopes
+
+    def _expire(self, now: float) -> None:
+        """Drop every generation whose latest answer is older than max_age, and scopes left
+        empty (a pass over at most max_scopes scopes, as an answer is added)."""
+        for scope, s in list(self._scopes.items()):
+            if now - s.newer.last_added > self.max_age:
+                self.total_tokens -= len(s)
+                del self._scopes[scope]
+            elif now - s.older.last_added > self.max_age and s.older.tokens:
+                self.total_tokens -= len(s.older.tokens)
+                s.older = _Generation()
 
     def add(self, scope: str, prompt: list[int], answer: list[int]) -> None:
         """Keep `answer` (the tokens a request produced after `prompt`) for later drafts in
@@ -94,6 +113,8 @@ class DraftPool:
         answer = answer[:half - len(lead_in) - 1]
         if len(answer) < 2:
             return
+        now = self.clock()
+        self._expire(now)
         s = self._scopes.get(scope)
         if s is None:
             s = self._scopes[scope] = _Scope()
@@ -101,7 +122,7 @@ class DraftPool:
         if len(s.newer.tokens) + len(lead_in) + len(answer) + 1 > half:
             self.total_tokens -= len(s.older.tokens)
             s.older, s.newer = s.newer, _Generation()
-        s.newer.add(lead_in, answer, self.min_ngram, self.max_ngram)
+        s.newer.add(lead_in, answer, self.min_ngram, self.max_ngram, now)
         self.total_tokens += len(lead_in) + len(answer) + 1
         while len(self._scopes) > 1 and (len(self._scopes) > self.max_scopes
                                          or self.total_tokens > self.max_total_tokens):
@@ -114,11 +135,14 @@ class DraftPool:
         s = self._scopes.get(scope)
         if s is None or k <= 0:
             return 0, []
+        now = self.clock()  # answers past max_age go at the next add; they are not drafted from meanwhile
+        fresh = [g for g in (s.newer, s.older) if now - g.last_added <= self.max_age]
         for n in range(min(self.max_ngram, len(context)), self.min_ngram - 1, -1):
             key = hash(tuple(context[len(context) - n:]))
-            found = s.newer.follow(key, k) or s.older.follow(key, k)
-            if found:
-                return n, found
+            for g in fresh:
+                found = g.follow(key, k)
+                if found:
+                    return n, found
         return 0, []
 
     def tokens(self, scope: str) -> int:
