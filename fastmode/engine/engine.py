@@ -12,8 +12,7 @@ import torch
 
 from fastmode.config import EngineConfig
 from fastmode.engine.block_manager import BlockManager
-from fastmode.engine.corpus import DraftCorpus
-from fastmode.engine.corpus import SAMPLED
+from fastmode.engine.corpus import SAMPLED, DraftCorpus
 from fastmode.engine.corpus import draft_policy as corpus_draft_policy
 from fastmode.engine.head_drafter import HeadDrafter
 from fastmode.engine.pool import POOL_PRIOR, DraftPool

@@ -3,9 +3,9 @@
 Requests repeat. A client regenerates an answer or retries after a timeout, an agent runs the
 same step again, an evaluation sends its prompts once more, a template's answers share their
 frame. Prompt lookup sees only the request's own text and the draft corpus only the model's
-answers to its training prompts; the pool keeps, per scope, the latest answers the engine
-finished, each with the few prompt tokens before it (so that the first tokens of a repeated
-answer are found too), and proposes what followed the longest suffix of a request's text in
+answers to its training prompts; the pool keeps, per scope, the latest answers a speculating
+lane finished, each with the few prompt tokens before it (so that the first tokens of a
+repeated answer are found too), and proposes what followed the longest suffix of a request's text in
 them, as the corpus does. Verification decides what is kept: a pool changes how soon an
 answer comes, never what it says.
 
@@ -19,11 +19,12 @@ pool.
 Each scope holds at most `max_tokens` tokens in two generations: answers go into the newer
 one, and when it fills, the older one is dropped and the newer one takes its place. All
 scopes together hold at most `max_total_tokens` (about 0.4 KB each, with their index) and
-`max_scopes` scopes; beyond either, whole scopes are dropped, least recently used first. No
-answer is drafted from once its generation's latest answer is `max_age` seconds old (an hour
-by default); such generations are dropped as the next answer is added. A lookup is a dict probe per n-gram length, longest first; adding an answer
-indexes the n-grams that end before each of its tokens, by their hash (1-2 us a token, when
-the request ends). A hash collision only costs a rejected draft.
+`max_scopes` scopes; beyond either, whole scopes are dropped, least recently added to first.
+No answer is drafted from once its generation's latest answer is `max_age` seconds old (an
+hour by default); such generations are dropped as the next answer is added. A lookup is a
+dict probe per n-gram length, longest first; adding an answer indexes the n-grams that end
+before each of its tokens, by their hash (1-2 us a token, when the request ends). A hash
+collision only costs a rejected draft.
 """
 
 from __future__ import annotations
