@@ -9,6 +9,7 @@ from fastmode.config import EngineConfig
 from fastmode.engine.engine import Engine
 from fastmode.engine.head_drafter import HEAD_EXPLORE, HEAD_SKIP, HeadDrafter
 from fastmode.engine.request import Lane, SamplingParams
+from fastmode.engine.speculation import PromptLookup
 from fastmode.model.draft_head import DraftHead, DraftHeadError
 from fastmode.weights.gguf import dequantize, quantize_q8_0
 from fastmode.weights.registry import DEFAULT_MODEL, HEADS, PACKAGED
@@ -67,17 +68,22 @@ def test_fast_lane_drafts_with_the_head_and_keeps_outputs_identical(tiny, traine
     head = trained[0]
     for prompts, learned in ((trained[1][:8], True), (random_prompts(8, seed=5), False)):
         engine = Engine(tiny.model, small_engine_config(draft_head=True), tiny.tokenizer.eos_ids, draft_head=head)
+        engine.runner.step_time = lambda rows: 0.01 + 1e-4 * rows  # drafts priced alike on any machine
         assert run(engine, prompts, Lane.FAST) == run(engine, prompts, Lane.STANDARD)
         assert engine.stats["head_drafted"] > 0, engine.stats
         if learned:  # on answers it learned, most of its drafts are accepted
             assert engine.stats["head_accepted"] > engine.stats["head_drafted"] / 2, engine.stats
 
 
-def test_the_head_is_off_by_default_and_switches(tiny, trained):
+def test_the_head_is_off_by_default_and_switches(tiny, trained, monkeypatch):
+    # prompt lookup proposes nothing and passes are priced alike on any machine: whether the
+    # head drafts must not hang on the pass times this machine happens to measure
+    monkeypatch.setattr(PromptLookup, "propose", lambda self, k: [])
     engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_head=trained[0])
     run(engine, trained[1][:4], Lane.FAST)
     assert engine.drafter is None and engine.head_taps == () and engine.stats["head_drafted"] == 0
     engine.use_draft_head(True)
+    engine.runner.step_time = lambda rows: 0.01 + 1e-4 * rows  # passes priced alike on any machine
     run(engine, trained[1][:4], Lane.FAST)
     assert engine.drafter.head is trained[0] and engine.stats["head_drafted"] > 0
 
