@@ -262,6 +262,7 @@ class Engine:
         that, at the length its policy prices best, promises the most tokens per second of pass,
         or the draft head's tokens where those promise more (HeadDrafter)."""
         rows = sum(item.num_tokens for item in plan)
+        pool = self.pool  # once: shutdown may drop it from another thread
         # items the head drafts for, with the accepted tokens their other drafts are expected to yield
         for_head: list[tuple[Scheduled, float]] = []
         for item in plan:
@@ -277,8 +278,8 @@ class Engine:
                 kind, found = self.corpus.proposal(lookup.ids, self.config.max_draft, r.params.greedy)
                 sources.append("corpus")
                 proposals.append((self.corpus_policy, kind, found))
-            if self.pool is not None and r.pool is not None:
-                match, found = self.pool.proposal(r.pool, lookup.ids, self.config.max_draft)
+            if pool is not None and r.pool is not None:
+                match, found = pool.proposal(r.pool, lookup.ids, self.config.max_draft)
                 sources.append("pool")
                 proposals.append((self.pool_policy, match if r.params.greedy or not match else match + SAMPLED, found))
             best, best_k, expected = best_proposal(proposals, rid, rows, self.runner.step_time, room)
@@ -373,9 +374,10 @@ class Engine:
         self.pool_policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
         _emit(r, TokenDelta(r.request_id, new, r.status))
-        if self.pool is not None and r.pool is not None and status is not Status.FINISHED_ERROR:
+        pool = self.pool  # once: shutdown may drop it from another thread
+        if pool is not None and r.pool is not None and status is not Status.FINISHED_ERROR:
             try:  # what it produced before it ended (also when aborted), after its last delta went out
-                self.pool.add(r.pool, r.prompt_ids, r.output_ids)
+                pool.add(r.pool, r.prompt_ids, r.output_ids)
             except Exception:
                 log.exception("keeping the answer of %s in the draft pool failed", r.request_id)
 
