@@ -12,7 +12,7 @@ from fastmode.engine.engine import Engine
 from fastmode.engine.request import Lane
 from fastmode.weights.registry import DEFAULT_MODEL, corpus_path, draft_head_path
 
-from conftest import small_engine_config
+from conftest import fixed_pass_cost, small_engine_config
 from test_draft_head import random_prompts, run
 
 
@@ -105,7 +105,7 @@ def test_fast_lane_drafts_from_the_corpus_and_keeps_outputs_identical(tiny, answ
     corpus = DraftCorpus.from_answers(outs)
     corpus.index()  # built before the engines start: drafting from it is deterministic
     for asked, seen in ((prompts[:8], True), (random_prompts(8, seed=11), False)):
-        engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus)
+        engine = fixed_pass_cost(Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus))
         assert engine.corpus is corpus  # on by default
         assert run(engine, asked, Lane.FAST) == run(engine, asked, Lane.STANDARD)
         if seen:  # answers it holds: drafted from it, and mostly accepted
@@ -135,7 +135,8 @@ def test_sampled_requests_learn_corpus_rates_of_their_own(tiny, answers):
 def test_the_corpus_switches_off(tiny, answers):
     prompts, outs = answers
     corpus = DraftCorpus.from_answers(outs)
-    engine = Engine(tiny.model, small_engine_config(draft_corpus=False), tiny.tokenizer.eos_ids, draft_corpus=corpus)
+    engine = fixed_pass_cost(Engine(tiny.model, small_engine_config(draft_corpus=False), tiny.tokenizer.eos_ids,
+                                    draft_corpus=corpus))
     run(engine, prompts[:4], Lane.FAST)
     assert engine.corpus is None and engine.stats["corpus_drafted"] == 0
     assert not corpus.indexed  # an engine that does not draft from it never builds its index
@@ -158,7 +159,7 @@ def test_the_engine_does_not_wait_for_the_corpus_index(tiny, answers):
             super()._build()
 
     corpus = SlowCorpus(DraftCorpus.from_answers(outs).tokens)
-    engine = Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus)
+    engine = fixed_pass_cost(Engine(tiny.model, small_engine_config(), tiny.tokenizer.eos_ids, draft_corpus=corpus))
     assert run(engine, prompts[:4], Lane.FAST) == run(engine, prompts[:4], Lane.STANDARD)
     assert not corpus.indexed and engine.stats["corpus_drafted"] == 0
     release.set()

@@ -14,7 +14,7 @@ from fastmode.model.draft_head import DraftHead, DraftHeadError
 from fastmode.weights.gguf import dequantize, quantize_q8_0
 from fastmode.weights.registry import DEFAULT_MODEL, HEADS, PACKAGED
 
-from conftest import small_engine_config
+from conftest import fixed_pass_cost, small_engine_config
 
 
 def random_prompts(n, seed):
@@ -68,7 +68,7 @@ def test_fast_lane_drafts_with_the_head_and_keeps_outputs_identical(tiny, traine
     head = trained[0]
     for prompts, learned in ((trained[1][:8], True), (random_prompts(8, seed=5), False)):
         engine = Engine(tiny.model, small_engine_config(draft_head=True), tiny.tokenizer.eos_ids, draft_head=head)
-        engine.runner.step_time = lambda rows: 0.01 + 1e-4 * rows  # drafts priced alike on any machine
+        fixed_pass_cost(engine)
         assert run(engine, prompts, Lane.FAST) == run(engine, prompts, Lane.STANDARD)
         assert engine.stats["head_drafted"] > 0, engine.stats
         if learned:  # on answers it learned, most of its drafts are accepted
@@ -83,7 +83,7 @@ def test_the_head_is_off_by_default_and_switches(tiny, trained, monkeypatch):
     run(engine, trained[1][:4], Lane.FAST)
     assert engine.drafter is None and engine.head_taps == () and engine.stats["head_drafted"] == 0
     engine.use_draft_head(True)
-    engine.runner.step_time = lambda rows: 0.01 + 1e-4 * rows  # passes priced alike on any machine
+    fixed_pass_cost(engine)
     run(engine, trained[1][:4], Lane.FAST)
     assert engine.drafter.head is trained[0] and engine.stats["head_drafted"] > 0
 

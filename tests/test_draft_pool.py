@@ -5,7 +5,7 @@ import random
 import anthropic
 import pytest
 
-from conftest import running_server, small_engine_config
+from conftest import fixed_pass_cost, running_server, small_engine_config
 from fastmode.engine.pool import DraftPool
 from fastmode.engine.request import Lane, SamplingParams, Status
 from fastmode.engine.speculation import PromptLookup
@@ -85,7 +85,7 @@ def _fast(engine, prompt, pool):
 
 def test_the_fast_lane_drafts_a_repeated_answer_from_the_pool_within_its_scope_only(make_engine, monkeypatch):
     monkeypatch.setattr(PromptLookup, "propose", lambda self, k: [])  # the pool the only source of drafts
-    engine = make_engine()
+    engine = fixed_pass_cost(make_engine())
     prompt = [5, 17, 33, 2, 41, 7, 19]
     standard = _answer(engine, prompt, "org", Lane.STANDARD)
     steps = engine.stats["steps"]
@@ -117,7 +117,7 @@ def test_a_pool_can_be_switched_off_and_a_failed_request_adds_nothing(make_engin
 
 def test_sampled_and_aborted_requests_use_the_pool_too(make_engine, monkeypatch):
     monkeypatch.setattr(PromptLookup, "propose", lambda self, k: [])
-    engine = make_engine()
+    engine = fixed_pass_cost(make_engine())
     prompt = [7, 7, 1, 9, 3, 8, 2]
     rid = "partial"
     engine.add(rid, prompt, SamplingParams(max_tokens=200), Lane.FAST, lambda d: None, pool="org")
