@@ -57,6 +57,8 @@ def test_summary_medians_ratios_and_identity():
     row = summarize(samples)["a"]
     assert row["standard_otps"] == 11 and row["fast_otps"] == 33 and row["otps_ratio"] == 3
     assert identical_outputs(samples) == (1, 2)
+    assert identical_outputs([*samples, s("a", "fast again", 50, 0.3, text="t")]) == (1, 2)  # asked again, same text
+    assert identical_outputs([*samples, s("a", "fast again", 50, 0.3, text="w")]) == (0, 2)  # a third speed counts too
 
 
 def test_bad_workload_is_a_clear_error(tmp_path, capsys):

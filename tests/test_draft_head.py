@@ -67,8 +67,8 @@ def test_training_fits_the_answers_it_saw(trained):
 def test_fast_lane_drafts_with_the_head_and_keeps_outputs_identical(tiny, trained):
     head = trained[0]
     for prompts, learned in ((trained[1][:8], True), (random_prompts(8, seed=5), False)):
-        engine = Engine(tiny.model, small_engine_config(draft_head=True), tiny.tokenizer.eos_ids, draft_head=head)
-        fixed_pass_cost(engine)
+        engine = fixed_pass_cost(Engine(tiny.model, small_engine_config(draft_head=True), tiny.tokenizer.eos_ids,
+                                        draft_head=head))
         assert run(engine, prompts, Lane.FAST) == run(engine, prompts, Lane.STANDARD)
         assert engine.stats["head_drafted"] > 0, engine.stats
         if learned:  # on answers it learned, most of its drafts are accepted

@@ -134,13 +134,14 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
 
 
 def identical_outputs(samples: list[Sample]) -> tuple[int, int]:
-    """(prompts whose standard and fast texts were all identical, prompts compared)."""
+    """(prompts whose texts were all identical, at every speed they ran at, prompts run at both
+    standard and fast speed)."""
     texts: dict[tuple[str, int], dict[str, set[str]]] = {}
     for s in samples:
         if not s.background:
             texts.setdefault((s.category, s.prompt), {}).setdefault(s.speed, set()).add(s.text)
     compared = [t for t in texts.values() if t.get("standard") and t.get("fast")]
-    same = sum(t["standard"] == t["fast"] and len(t["standard"]) == 1 for t in compared)
+    same = sum(len(t["standard"]) == 1 and all(v == t["standard"] for v in t.values()) for t in compared)
     return same, len(compared)
 
 
@@ -282,28 +283,22 @@ async def _main(args: argparse.Namespace) -> int:
             samples = await run_idle(client, args, model, items)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any]
     if args.asked_again:
         table = again_table(samples)
-        texts: dict[tuple[str, int], set[str]] = {}
-        for s in samples:
-            texts.setdefault((s.category, s.prompt), set()).add(s.text)
-        same = sum(len(t) == 1 for t in texts.values())
-        result = {"mode": "asked again", "model": model, "categories": table, "identical_outputs": [same, len(texts)]}
+        same, total = identical_outputs(samples)
+        result = {"mode": "asked again", "model": model, "categories": table, "identical_outputs": [same, total]}
         print(f"{'category':<14}{'std OTPS':>10}{'fast OTPS':>11}{'ratio':>7}{'again OTPS':>12}{'ratio':>7}")
         for cat, row in table.items():
             print(f"{cat:<14}{row['standard_otps']:>10.1f}{row['fast_otps']:>11.1f}{row.get('otps_ratio', 0):>7.2f}"
                   f"{row['again_otps']:>12.1f}{row.get('again_ratio', 0):>7.2f}")
-        print(f"identical greedy outputs (standard, fast, fast again): {same}/{len(texts)} prompts")
-        result["samples"] = [asdict(s) for s in samples]
-        (out / "results.json").write_text(json.dumps(result, indent=2))
-        print(f"results: {out / 'results.json'}")
-        return 0
-    if args.concurrency > 0:
+        print(f"identical greedy outputs (standard, fast, fast again): {same}/{total} prompts")
+    elif args.concurrency > 0:
         table = loaded_table(samples)
         std = [s.otps for s in samples if s.background]
         fast = [s.otps for s in samples if not s.background]
         std_median = next(iter(table.values()))["standard_otps"] if std and table else None
-        result: dict[str, Any] = {"mode": "loaded", "concurrency": args.concurrency,
+        result = {"mode": "loaded", "concurrency": args.concurrency,
                                   "standard_stream_median_otps": std_median,
                                   "fast_median_otps": statistics.median(fast) if fast else None,
                                   "categories": table}
@@ -328,6 +323,9 @@ async def _main(args: argparse.Namespace) -> int:
         print(f"identical greedy outputs between speeds: {same}/{total} prompts")
     result["samples"] = [asdict(s) for s in samples]
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    if args.asked_again:  # no plot: the table is the result
+        print(f"results: {out / 'results.json'}")
+        return 0
     plot(table, out / "bench.png", f"fastmode bench: {args.url} ({'idle' if not args.concurrency else f'{args.concurrency} standard streams'})")
     print(f"results: {out / 'results.json'}, plot: {out / 'bench.png'}")
     return 0
