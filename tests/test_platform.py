@@ -32,7 +32,7 @@ H = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
 
 def example_catalog(**changes: dict) -> Catalog:
     """The example catalog on tiny-random weights; `changes` maps a model id to replaced fields."""
-    entries = [dataclasses.replace(e, weights="tiny-random", context_window=None, **changes.get(e.id, {}))
+    entries = [dataclasses.replace(e, **{"weights": "tiny-random", "context_window": None, **changes.get(e.id, {})})
                for e in load_settings(CATALOG).models]
     return Catalog(entries)
 
@@ -88,6 +88,17 @@ def test_ga_model_runs_fast_without_a_beta_header_and_sends_fast_headers(client,
     assert r.headers["anthropic-fast-output-tokens-limit"] == "40000"
     row = ledger(server[1], r.headers["request-id"])
     assert (row["speed"], row["input_price"], row["output_price"]) == ("fast", 8.0, 40.0)
+
+
+def test_a_model_entrys_context_window_ends_generation_at_both_speeds(tiny):
+    """An entry's context window smaller than the weights' stops prompt + output there, as the
+    weights' own window does: stop reason model_context_window_exceeded."""
+    with catalog_server(tiny, changes={"claude-opus-5-5": {"context_window": 40}}) as (url, _):
+        c = anthropic.Anthropic(base_url=url, api_key="local", max_retries=0)
+        for speed in ("standard", "fast"):
+            msg = c.messages.create(model="claude-opus-5-5", max_tokens=40, speed=speed, messages=HI)
+            assert msg.stop_reason == "model_context_window_exceeded", speed
+            assert msg.usage.input_tokens + msg.usage.output_tokens == 40 and msg.usage.output_tokens > 0
 
 
 @pytest.mark.parametrize("model", ["claude-fable-5-2", "claude-mythos-5-2"])

@@ -3,7 +3,8 @@ import asyncio
 import json
 from types import SimpleNamespace
 
-from fastmode.server.generation import Outcome
+from fastmode.engine.request import Status, TokenDelta
+from fastmode.server.generation import Generation, Outcome
 from fastmode.server.messages import _stream
 from fastmode.server.prompt import forced_tool_prefix, parse_output, render_prompt
 from fastmode.server.validate import parse_messages_request
@@ -35,6 +36,12 @@ def test_tools_tool_use_and_tool_results_are_rendered():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "21C, sunny"}]}]})
     assert '"get_weather"' in text and "<tool_call>" in text and '"city": "Paris"' in text
     assert "<tool_response>\n21C, sunny\n</tool_response>" in text
+    failed = render({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                      "content": "city is required"}]}]})
+    assert "<tool_response>\nError: city is required\n</tool_response>" in failed
 
 
 def test_assistant_prefill_is_continued():
@@ -88,7 +95,7 @@ def test_streamed_blocks_add_up_to_the_non_streamed_ones():
         async def stream(self):
             yield self.sent
 
-    prep = SimpleNamespace(entry=SimpleNamespace(id="m"), req=SimpleNamespace(tools=TOOLS),
+    prep = SimpleNamespace(entry=SimpleNamespace(id="m"), req=SimpleNamespace(tools=TOOLS, tool_choice=None),
                            usage=lambda n, cache=None: {"input_tokens": 1, "output_tokens": n})
 
     async def events(gen):
@@ -116,3 +123,76 @@ def test_streamed_blocks_add_up_to_the_non_streamed_ones():
             b.pop("id", None)
         assert blocks == expect, (sent, tail)
         assert stop == ("tool_use" if any(b["type"] == "tool_use" for b in expect) else "end_turn")
+
+
+def test_a_call_whose_object_does_not_close_reads_by_its_arguments():
+    """The model closes the arguments but not the call object (a forced call it continues):
+    the arguments still make the tool_use; a call without readable arguments stays text."""
+    short = '<tool_call>{"name": "get_weather", "arguments": \n{"city": "Paris"}\n</tool_call>\n<tools>\n{"name"'
+    out = parse_output(short, TOOLS)
+    assert [b["type"] for b in out] == ["tool_use"] and out[0]["input"] == {"city": "Paris"}
+    assert parse_output('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', TOOLS)[0]["type"] == "text"
+    assert parse_output('<tool_call>{"name": "get_weather", "arguments": [1]</tool_call>', TOOLS)[0]["type"] == "text"
+    assert parse_output('<tool_call>{"name": "nope", "arguments": {"a": 1}</tool_call>', TOOLS)[0]["type"] == "text"
+
+
+def test_parallel_tool_use_off_keeps_the_first_call():
+    calls = ('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n'
+             '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>')
+    assert [b["input"]["city"] for b in parse_output(calls, TOOLS)] == ["Oslo", "Rome"]
+    assert [b["input"]["city"] for b in parse_output(calls, TOOLS, single=True)] == ["Oslo"]
+
+
+class ScriptedEngine:
+    """Hands a Generation its tokens one delta each, as the engine thread would, then finishes
+    with max_tokens; records aborts."""
+
+    def __init__(self, pieces):
+        self.pieces, self.aborted = pieces, []
+
+    def add(self, request_id, prompt_ids, params, lane, on_delta, priority=0, cache=None, pool=None, max_len=None):
+        for i in range(len(self.pieces)):
+            on_delta(TokenDelta(request_id, [i], Status.RUNNING))
+        on_delta(TokenDelta(request_id, [], Status.FINISHED_LENGTH))
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+def generate(pieces, tools=True, single=False, prefix=""):
+    """(streamed text, outcome, aborted) of a scripted reply whose token i decodes to pieces[i]."""
+    engine = ScriptedEngine(pieces)
+    tokenizer = SimpleNamespace(decode=lambda ids: "".join(pieces[i] for i in ids))
+
+    async def run():
+        gen = Generation(engine, tokenizer, [1], None, None, [], hold_tool_calls=tools, prefix=prefix,
+                         single_tool_call=single)
+        gen.start()
+        return "".join([chunk async for chunk in gen.stream()]), gen.outcome
+    text, outcome = asyncio.run(run())
+    return text, outcome, bool(engine.aborted)
+
+
+def test_the_reply_ends_after_its_tool_calls():
+    """Text after a reply's tool calls is dropped from the reply, so the model stops there: the
+    tokens after it are neither generated on nor counted."""
+    call = ['<tool_call>', '{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}', '</tool_call>']
+    ramble = ['\n', 'The', ' weather', ' is', ' nice']
+    text, out, aborted = generate(["Let me check. "] + call + ramble)
+    assert text == "Let me check. " and out.tail == "".join(call)
+    assert out.output_tokens == 1 + len(call) + 2  # up to the first token that is not another call
+    assert out.stop_reason == "end_turn" and aborted  # the reply says tool_use once the call reads
+    assert [b["type"] for b in parse_output(text + out.tail, TOOLS)] == ["text", "tool_use"]
+    # another call after the first: both kept, the reply ends after the second
+    text, out, _ = generate(call + ['\n', '<tool', '_call>'] + call[1:] + ramble)
+    assert out.tail == "".join(call) + "\n" + "".join(call) and out.output_tokens == len(call) + 3 + len(call) - 1 + 2
+    # parallel tool use off: the first call's close ends it
+    text, out, _ = generate(call + ['\n', '<tool_call>'] + call[1:], single=True)
+    assert out.tail == "".join(call) and out.output_tokens == len(call)
+    # a forced call's start is the prompt's: the model writes the rest
+    text, out, _ = generate(['{"city": "Oslo"}}', '</tool_call>', ' Done', '.'], prefix=call[0] + call[1] + '"arguments": ')
+    assert out.output_tokens == 3 and parse_output(text + out.tail, TOOLS)[0]["input"] == {"city": "Oslo"}
+    # without tools a "call" is text, and the reply runs to its end
+    text, out, aborted = generate(call + ramble, tools=False)
+    assert text == "".join(call + ramble) and out.output_tokens == len(call + ramble)
+    assert out.stop_reason == "max_tokens" and not aborted

@@ -98,6 +98,22 @@ def test_temperature_rules_per_api_version(url, client):
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, 400, "non-empty content"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
      400, "text content blocks must be non-empty"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "y"}]}]},
+     400, "messages.2.content.0: unexpected `tool_use_id`"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t1", "content": "y"}]}]}, 400, "unexpected `tool_use_id`"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": "yes"}]}]},
+     400, "is_error"),
+    ({"model": MODEL, "max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+      "messages": [{"role": "user", "content": "x"}]}, 400, "tools.0.type: server tools"),
+    ({"model": MODEL, "max_tokens": 5, "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
+      "messages": [{"role": "user", "content": "x"}]}, 400, "output_config.format: structured outputs"),
 ])
 def test_bad_input_gets_a_4xx_anthropic_error(url, body, status, needle):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -96,12 +96,14 @@ class Engine:
     # ---- thread-safe API -------------------------------------------------------------------
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, lane: Lane,
             on_delta: Callable[[TokenDelta], None], priority: int = 0, cache: CacheSpec | None = None,
-            pool: str | None = None) -> None:
+            pool: str | None = None, max_len: int | None = None) -> None:
         """Queue a request. With `cache`, its admission is reported by a delta carrying a
         CacheResult before any token; `max_tokens` 0 with breakpoints pre-warms the cache. With
         `pool`, a speculating lane drafts from the answers earlier requests of that scope (and
-        lane) were given, and the request's answer joins them (see engine/pool.py)."""
-        req = Request(request_id, list(prompt_ids), params, lane, on_delta, self.max_len, priority=priority,
+        lane) were given, and the request's answer joins them (see engine/pool.py). `max_len`:
+        a context window smaller than the model's (prompt + output stop there)."""
+        window = self.max_len if max_len is None else min(max_len, self.max_len)
+        req = Request(request_id, list(prompt_ids), params, lane, on_delta, window, priority=priority,
                       cache=cache, pool=None if pool is None or not self.scheduler.lane_config(lane).speculate
                       else f"{pool}\0{lane.value}")  # only a lane that drafts keeps a pool
         capacity = self.blocks.num_blocks * self.blocks.block_size
@@ -197,7 +199,7 @@ class Engine:
         if prewarm:  # compute the prompt up to its last breakpoint, generate nothing
             assert req.cache is not None
             del req.prompt_ids[req.cache.breakpoints[-1].position:]
-        if len(req.prompt_ids) >= self.max_len or (req.params.max_tokens <= 0 and not prewarm) or not req.prompt_ids:
+        if len(req.prompt_ids) >= req.max_len or (req.params.max_tokens <= 0 and not prewarm) or not req.prompt_ids:
             _emit(req, TokenDelta(req.request_id, [], Status.FINISHED_LENGTH))
             return
         self.requests[req.request_id] = req

@@ -9,7 +9,7 @@ from fastmode.engine.engine import Engine
 from fastmode.engine.prefix_cache import CacheResult, CacheSpec
 from fastmode.engine.request import Lane, SamplingParams, Status, TokenDelta
 from fastmode.server.errors import new_id
-from fastmode.server.prompt import TOOL_OPEN
+from fastmode.server.prompt import TOOL_CLOSE, TOOL_OPEN
 from fastmode.tokenizer.tokenizer import IncrementalDecoder, Tokenizer
 
 _STOP_REASONS = {
@@ -44,11 +44,18 @@ class Generation:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
                  lane: Lane, stop_sequences: list[str], hold_tool_calls: bool, priority: int = 0,
-                 cache: CacheSpec | None = None, prefix: str = "", pool: str | None = None) -> None:
+                 cache: CacheSpec | None = None, prefix: str = "", pool: str | None = None,
+                 single_tool_call: bool = False, max_len: int | None = None) -> None:
+        """`hold_tool_calls`: the request has tools; a tool call is held back from streaming
+        (parsed at the end), and the reply ends after its tool calls: after the first with
+        `single_tool_call` (parallel tool use off). `max_len`: the model entry's context
+        window, when smaller than the weights'."""
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt_ids, self.params, self.lane = prompt_ids, params, lane
         self.stops = stop_sequences
         self.hold_tool_calls = hold_tool_calls
+        self.single_tool_call = single_tool_call
+        self.max_len = max_len
         self.prefix = prefix  # text the prompt ends with that the output continues (a forced tool call's start)
         self.priority = priority
         self.cache = cache
@@ -76,7 +83,8 @@ class Generation:
         if self.cache is None:
             self._admitted.set()  # nothing to report before the first token
         self.engine.add(self.request_id, self.prompt_ids, self.params, self.lane,
-                        lambda d: loop.call_soon_threadsafe(self._deliver, d), self.priority, self.cache, self.pool)
+                        lambda d: loop.call_soon_threadsafe(self._deliver, d), self.priority, self.cache, self.pool,
+                        max_len=self.max_len)
 
     def _deliver(self, delta: TokenDelta) -> None:
         if delta.cache is not None:  # the admission report: no tokens
@@ -100,7 +108,7 @@ class Generation:
         inbox = self._inbox
         decoder = IncrementalDecoder(self.tokenizer)
         out, text, sent = self.outcome, self.prefix, 0  # text[:sent] has been yielded
-        finished = False
+        finished = cut = False  # cut: ended here (a stop sequence or tool calls), not by the engine
         try:
             while not finished:
                 delta = await inbox.get()
@@ -113,9 +121,11 @@ class Generation:
                 for token in delta.token_ids:  # one at a time: tokens after a stop sequence are not counted
                     out.output_tokens += 1
                     text += decoder.push([token])
-                    cut = self._find_stop(text, sent)
-                    if cut is not None:
-                        text, finished = cut, True
+                    end = self._find_stop(text, sent)
+                    if end is None and self.hold_tool_calls:
+                        end = self._after_tool_calls(text)
+                    if end is not None:
+                        text, finished, cut = end, True, True
                         break
                 if delta.status.finished and not finished:
                     finished = True
@@ -128,9 +138,28 @@ class Generation:
                     chunk, sent = text[sent:limit], limit
                     yield chunk
         finally:
-            if not finished or out.stop_sequence is not None:
-                self.abort()  # client gone, or a stop sequence: free the KV blocks now
+            if not finished or cut:
+                self.abort()  # client gone, or ended here: free the KV blocks now
         out.text, out.tail = text[:sent], text[sent:]
+
+    def _after_tool_calls(self, text: str) -> str | None:
+        """Text up to the end of the reply's tool calls, once they are done: a call's close
+        followed by text that is not another call (or, with `single_tool_call`, the first
+        call's close). The model would otherwise go on writing what the reply drops (the
+        tokens are counted and billed); its stop reason is then tool_use, or end_turn where
+        no call reads."""
+        first = text.find(TOOL_OPEN)
+        if first < 0:
+            return None
+        close = text.find(TOOL_CLOSE, first) if self.single_tool_call else text.rfind(TOOL_CLOSE)
+        if close < first:
+            return None
+        end = close + len(TOOL_CLOSE)
+        after = text[end:].lstrip()
+        if not self.single_tool_call and (not after or after.startswith(TOOL_OPEN) or TOOL_OPEN.startswith(after)):
+            return None  # nothing yet, or another call
+        self.outcome.stop_reason = "end_turn"
+        return text[:end]
 
     def _find_stop(self, text: str, sent: int) -> str | None:
         """Text up to the earliest stop sequence, if one has appeared; records which."""

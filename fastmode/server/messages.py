@@ -25,7 +25,8 @@ from fastmode.server.generation import Generation, GenerationAborted
 from fastmode.server.http import ClientGone, betas, json_body, log
 from fastmode.server.policy import check_model_params, effort_instruction, resolve_service_tier, resolve_speed
 from fastmode.server.caching import cache_spec
-from fastmode.server.prompt import breakpoint_ttl, forced_tool_prefix, parse_output, render_marked, render_prompt
+from fastmode.server.prompt import (breakpoint_ttl, forced_tool_prefix, parse_output, render_marked, render_prompt,
+                                    single_tool_call)
 from fastmode.server.state import Backend, ServerState
 from fastmode.server.validate import MessagesRequest, cacheable_blocks, parse_messages_request
 
@@ -46,6 +47,7 @@ class Prepared:
     inference_geo: str
     cache: CacheSpec | None = None  # prompt caching breakpoints (None: nothing cached or read)
     pool: str | None = None  # the draft pool scope (engine/pool.py); None: no pool
+    window: int | None = None  # the model entry's context window (prompt + output stop there)
 
     @property
     def runs_engine(self) -> bool:
@@ -126,7 +128,7 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     # and (the engine adds the lane) speed; zero data retention keeps none
     pool = None if org.zero_data_retention else f"{namespace}\0{req.user_id or ''}"
     return Prepared(req, entry, backend, ids, speed, tier, req.inference_geo or "global",
-                    None if for_count else cache, pool)
+                    None if for_count else cache, pool, window)
 
 
 def sampling(prep: Prepared) -> SamplingParams:
@@ -146,7 +148,7 @@ def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
     gen = Generation(prep.backend.engine, prep.backend.loaded.tokenizer, prep.ids, sampling(prep), lane,
                      prep.req.stop_sequences, hold_tool_calls=bool(prep.req.tools),
                      priority=PRIORITY[prep.service_tier], cache=prep.cache, prefix=forced_tool_prefix(prep.req),
-                     pool=prep.pool)
+                     pool=prep.pool, single_tool_call=single_tool_call(prep.req), max_len=prep.window)
     try:
         gen.start()
     except EngineOverloaded as e:
@@ -171,7 +173,7 @@ def message_json(msg_id: str, model: str, content: list[dict[str, Any]], stop_re
 
 def final_message(prep: Prepared, gen: Generation, msg_id: str) -> dict[str, Any]:
     out = gen.outcome
-    content = parse_output(out.text + out.tail, prep.req.tools)
+    content = parse_output(out.text + out.tail, prep.req.tools, single_tool_call(prep.req))
     stop = "tool_use" if any(b["type"] == "tool_use" for b in content) else out.stop_reason
     return message_json(msg_id, prep.entry.id, content, stop, out.stop_sequence if stop == "stop_sequence" else None,
                         prep.usage(out.output_tokens, out.cache))
@@ -300,7 +302,7 @@ async def _stream(gen: Generation, msg_id: str, prep: Prepared) -> AsyncIterator
     stop = out.stop_reason
     # the held-back tail: tool calls, or text (a malformed call stays text) that continues the
     # open text block, so the stream adds up to the blocks a non-streamed reply has
-    for block in parse_output(out.tail, prep.req.tools) if out.tail else []:
+    for block in parse_output(out.tail, prep.req.tools, single_tool_call(prep.req)) if out.tail else []:
         if block["type"] == "text" and text_open:
             yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                "delta": {"type": "text_delta", "text": block["text"]}})

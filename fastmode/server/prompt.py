@@ -41,6 +41,11 @@ def forced_tool_prefix(req: MessagesRequest) -> str:
     return f'{TOOL_OPEN}{{"name": "'
 
 
+def single_tool_call(req: MessagesRequest) -> bool:
+    """Whether a reply may hold one tool call at most (`disable_parallel_tool_use`)."""
+    return bool((req.tool_choice or {}).get("disable_parallel_tool_use"))
+
+
 def _block_text(block: dict[str, Any], where: str, model: str) -> str:
     t = block["type"]
     if t == "text":
@@ -68,6 +73,8 @@ def _block_text(block: dict[str, Any], where: str, model: str) -> str:
         content = block.get("content", "")
         if isinstance(content, list):
             content = "\n".join(_block_text(c, where, model) for c in content if c.get("type") != "image")
+        if block.get("is_error"):
+            content = f"Error: {content}"
         return f"<tool_response>\n{content}\n</tool_response>"
     return ""  # thinking and server-tool blocks carry nothing this model reads
 
@@ -143,26 +150,48 @@ def _rstrip_keeping(text: str, mark: str) -> str:
     return text[:i] + mark * text[i:].count(mark)
 
 
-def parse_output(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def parse_output(text: str, tools: list[dict[str, Any]], single: bool = False) -> list[dict[str, Any]]:
     """Model text -> content blocks: the text before the first tool call as it streamed, then a
-    tool_use block per tool call whose JSON object reads (what follows the object up to the
-    call's close is ignored); all text when none does."""
+    tool_use block per tool call that reads (only the first with `single`: parallel tool use
+    off); all text when none does. A call reads when its JSON object does (what follows the
+    object up to the call's close is ignored), or, where the object does not close, when it
+    starts with a known tool's name and its arguments object reads."""
     if not tools or TOOL_OPEN not in text:
         return [{"type": "text", "text": text}] if text else []
     names = {t["name"] for t in tools}
     head = text[: text.index(TOOL_OPEN)]
     blocks: list[dict[str, Any]] = [{"type": "text", "text": head}] if head else []
-    decoder = json.JSONDecoder()
     for m in _TOOL_CALL.finditer(text):
-        try:
-            call, _ = decoder.raw_decode(m.group(1))
-        except json.JSONDecodeError:
+        call = _read_call(m.group(1))
+        if call is None or call[0] not in names:
             continue
-        if not isinstance(call, dict) or call.get("name") not in names:
-            continue
-        args = call.get("arguments", call.get("input", {}))
-        blocks.append({"type": "tool_use", "id": new_id("toolu_"), "name": call["name"],
-                       "input": args if isinstance(args, dict) else {}})
+        blocks.append({"type": "tool_use", "id": new_id("toolu_"), "name": call[0], "input": call[1]})
+        if single:
+            break
     if not any(b["type"] == "tool_use" for b in blocks):
         return [{"type": "text", "text": text}]
     return blocks
+
+
+_DECODER = json.JSONDecoder()
+# a call's start as the prompt asks for it: its name, then its arguments (or input)
+_CALL_START = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|input)"\s*:\s*')
+
+
+def _read_call(body: str) -> tuple[str, dict[str, Any]] | None:
+    """(name, arguments) of a tool call's text, or None where it does not read."""
+    try:
+        call, _ = _DECODER.raw_decode(body)
+    except json.JSONDecodeError:
+        call = None
+    if isinstance(call, dict) and isinstance(call.get("name"), str):
+        args = call.get("arguments", call.get("input", {}))
+        return call["name"], args if isinstance(args, dict) else {}
+    start = _CALL_START.match(body)  # the object does not close: read the arguments alone
+    if start is None:
+        return None
+    try:
+        name, (args, _) = json.loads(start.group(1)), _DECODER.raw_decode(body, start.end())
+    except json.JSONDecodeError:
+        return None
+    return (name, args) if isinstance(args, dict) else None

@@ -102,6 +102,8 @@ def _content(value: Any, where: str) -> list[dict[str, Any]]:
         if t == "tool_result":
             if not isinstance(b.get("tool_use_id"), str):
                 raise InvalidRequest(f"{w}.tool_use_id: Field required (a string)")
+            if "is_error" in b and not isinstance(b["is_error"], bool):
+                raise InvalidRequest(f"{w}.is_error: Input should be a valid boolean")
             if "content" in b and not isinstance(b["content"], (str, list)):
                 raise InvalidRequest(f"{w}.content: Input should be a valid string or a list of blocks")
             if isinstance(b.get("content"), list):
@@ -153,6 +155,7 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         messages.append(Message(role, blocks))
     if messages[0].role == "assistant":
         raise InvalidRequest("messages: the first message must use the `user` role")
+    _check_tool_results(messages)
     req = MessagesRequest(model=model, messages=messages, max_tokens=max_tokens)
     if "system" in body and body["system"] is not None:
         req.system = _text_blocks(body["system"], "system")
@@ -176,6 +179,10 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         for i, t in enumerate(tools):
             if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
                 raise InvalidRequest(f"tools.{i}.name: Field required (a non-empty string)")
+            if t.get("type") not in (None, "custom"):
+                raise InvalidRequest(f"tools.{i}.type: server tools ({t['type']!r}) are not available on this "
+                                     f"server (capabilities.server_tools in /v1/models); define a custom tool "
+                                     f"with an input_schema instead")
             if t.get("type") in (None, "custom") and not isinstance(t.get("input_schema"), dict):
                 raise InvalidRequest(f"tools.{i}.input_schema: Field required (a JSON schema object)")
         names = [t["name"] for t in tools]
@@ -234,6 +241,10 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         if effort is not None and effort not in EFFORT_LEVELS:
             raise InvalidRequest(f"output_config.effort: Input should be one of {', '.join(EFFORT_LEVELS)}")
         req.effort = effort
+        if oc.get("format") is not None:
+            raise InvalidRequest("output_config.format: structured outputs are not available on this server "
+                                 "(capabilities.structured_outputs in /v1/models); describe the JSON you want "
+                                 "in the prompt instead")
     cc = body.get("cache_control")
     if cc is not None:
         req.cache_control = _cache_control(cc, "cache_control")
@@ -309,6 +320,21 @@ def breakpoint_ttl(block: dict[str, Any]) -> str | None:
 
 def _ttl(block: dict[str, Any], where: str) -> str:
     return _cache_control(block["cache_control"], f"{where}.cache_control").get("ttl") or "5m"
+
+
+def _check_tool_results(messages: list[Message]) -> None:
+    """Each tool_result answers a tool_use of the assistant message before it (as the API
+    requires: a result the model never asked for has nothing to answer)."""
+    asked: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.role == "assistant":
+            asked = {b["id"] for b in m.blocks if b.get("type") == "tool_use"}
+            continue
+        for j, b in enumerate(m.blocks):
+            if b.get("type") == "tool_result" and b["tool_use_id"] not in asked:
+                raise InvalidRequest(f"messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` "
+                                     f"blocks: {b['tool_use_id']}. Each `tool_result` block must have a "
+                                     f"corresponding `tool_use` block in the previous assistant message.")
 
 
 def _check_2026_rules(role: str, blocks: list[dict[str, Any]], i: int) -> None:
