@@ -112,6 +112,8 @@ def test_temperature_rules_per_api_version(url, client):
      400, "is_error"),
     ({"model": MODEL, "max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
       "messages": [{"role": "user", "content": "x"}]}, 400, "tools.0.type: server tools"),
+    ({"model": MODEL, "max_tokens": 5, "temprature": 0.2, "messages": [{"role": "user", "content": "x"}]},
+     400, "temprature: Extra inputs are not permitted"),
     ({"model": MODEL, "max_tokens": 5, "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},
       "messages": [{"role": "user", "content": "x"}]}, 400, "output_config.format: structured outputs"),
 ])

@@ -16,6 +16,13 @@ INPUT_BLOCKS = {"text", "image", "document", "search_result", "thinking", "redac
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 SERVICE_TIERS = ("auto", "standard_only", "priority")  # priority: our explicit ask for the Priority Tier
 MAX_CACHE_BREAKPOINTS = 4
+# Every top-level field the Messages API knows (count_tokens takes the same, unused ones
+# included); server-side and beta-only features this server does not implement are accepted and
+# ignored, as the API allows. Anything else (a misspelt `temprature`) is a 400, as on the API.
+FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream", "temperature", "top_p", "top_k",
+          "metadata", "tools", "tool_choice", "thinking", "output_config", "cache_control", "service_tier", "speed",
+          "inference_geo", "container", "diagnostics", "billing_policy", "compaction", "context_management",
+          "fallback_credit_token", "fallbacks", "mcp_servers", "thread"}
 CACHE_TTLS = ("5m", "1h")
 
 
@@ -115,6 +122,9 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
     """Validate the JSON body of POST /v1/messages (or count_tokens when `for_count`)."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: Extra inputs are not permitted")
     model = body.get("model")
     if model is None:
         raise InvalidRequest("model: Field required")
