@@ -134,6 +134,11 @@ def test_a_call_whose_object_does_not_close_reads_by_its_arguments():
     assert parse_output('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', TOOLS)[0]["type"] == "text"
     assert parse_output('<tool_call>{"name": "get_weather", "arguments": [1]</tool_call>', TOOLS)[0]["type"] == "text"
     assert parse_output('<tool_call>{"name": "nope", "arguments": {"a": 1}</tool_call>', TOOLS)[0]["type"] == "text"
+    # a closed call: arguments that are no object leave text; a string of a JSON object reads as it
+    assert parse_output('<tool_call>{"name": "get_weather", "arguments": [1]}</tool_call>', TOOLS)[0]["type"] == "text"
+    quoted = parse_output('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>', TOOLS)
+    assert quoted[0]["type"] == "tool_use" and quoted[0]["input"] == {"city": "Oslo"}
+    assert parse_output('<tool_call>{"name": "get_weather"}</tool_call>', TOOLS)[0]["input"] == {}  # no arguments
 
 
 def test_parallel_tool_use_off_keeps_the_first_call():
@@ -147,13 +152,13 @@ class ScriptedEngine:
     """Hands a Generation its tokens one delta each, as the engine thread would, then finishes
     with max_tokens; records aborts."""
 
-    def __init__(self, pieces):
-        self.pieces, self.aborted = pieces, []
+    def __init__(self, pieces, end=Status.FINISHED_LENGTH):
+        self.pieces, self.end, self.aborted = pieces, end, []
 
     def add(self, request_id, prompt_ids, params, lane, on_delta, priority=0, cache=None, pool=None, max_len=None):
         for i in range(len(self.pieces)):
             on_delta(TokenDelta(request_id, [i], Status.RUNNING))
-        on_delta(TokenDelta(request_id, [], Status.FINISHED_LENGTH))
+        on_delta(TokenDelta(request_id, [], self.end))
 
     def abort(self, request_id):
         self.aborted.append(request_id)
@@ -165,7 +170,8 @@ def generate(pieces, tools=True, single=False, prefix=""):
     tokenizer = SimpleNamespace(decode=lambda ids: "".join(pieces[i] for i in ids))
 
     async def run():
-        gen = Generation(engine, tokenizer, [1], None, None, [], hold_tool_calls=tools, prefix=prefix,
+        gen = Generation(engine, tokenizer, [1], None, None, [], tool_names=[t["name"] for t in TOOLS] if tools else (),
+                         prefix=prefix,
                          single_tool_call=single)
         gen.start()
         return "".join([chunk async for chunk in gen.stream()]), gen.outcome
@@ -174,14 +180,14 @@ def generate(pieces, tools=True, single=False, prefix=""):
 
 
 def test_the_reply_ends_after_its_tool_calls():
-    """Text after a reply's tool calls is dropped from the reply, so the model stops there: the
-    tokens after it are neither generated on nor counted."""
+    """Text after a reply's tool calls is dropped from the reply, so the model stops at the
+    first token after them that is not another call: the rest is neither generated nor counted."""
     call = ['<tool_call>', '{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}', '</tool_call>']
     ramble = ['\n', 'The', ' weather', ' is', ' nice']
     text, out, aborted = generate(["Let me check. "] + call + ramble)
     assert text == "Let me check. " and out.tail == "".join(call)
     assert out.output_tokens == 1 + len(call) + 2  # up to the first token that is not another call
-    assert out.stop_reason == "end_turn" and aborted  # the reply says tool_use once the call reads
+    assert out.stop_reason == "tool_use" and aborted
     assert [b["type"] for b in parse_output(text + out.tail, TOOLS)] == ["text", "tool_use"]
     # another call after the first: both kept, the reply ends after the second
     text, out, _ = generate(call + ['\n', '<tool', '_call>'] + call[1:] + ramble)
@@ -196,3 +202,69 @@ def test_the_reply_ends_after_its_tool_calls():
     text, out, aborted = generate(call + ramble, tools=False)
     assert text == "".join(call + ramble) and out.output_tokens == len(call + ramble)
     assert out.stop_reason == "max_tokens" and not aborted
+
+
+def test_calls_that_do_not_read_end_nothing():
+    """A reply that only mentions the tags, or whose call names no tool, runs to its end as
+    text; with parallel tool use off, a first call that does not read leaves the next one to end it."""
+    mention = ["Use ", "<tool_call>", "x", "</tool_call>", " to", " call", "."]
+    text, out, aborted = generate(mention)
+    assert out.text + out.tail == "".join(mention) and out.stop_reason == "max_tokens" and not aborted
+    unknown = ['<tool_call>', '{"name": "nope", "arguments": {}}', '</tool_call>', ' then', ' more']
+    text, out, _ = generate(unknown)
+    assert out.output_tokens == len(unknown) and out.stop_reason == "max_tokens"
+    good = ['<tool_call>', '{"name": "get_weather", "arguments": {"city": "Rome"}}', '</tool_call>']
+    text, out, _ = generate(unknown[:3] + ['\n'] + good + [' bye'], single=True)
+    assert out.output_tokens == 3 + 1 + 3 and out.stop_reason == "tool_use"
+    assert [b["input"] for b in parse_output(out.text + out.tail, TOOLS, single=True) if b["type"] == "tool_use"] == [
+        {"city": "Rome"}]
+
+
+def test_a_cut_reply_streams_and_records_as_tool_use():
+    """The reply cut after its call, through the SSE stream, the non-streamed message and the
+    usage row: the same blocks, stop reason tool_use in all three; tool_choice none shows the
+    model no tools, so a call it writes anyway is text."""
+    from fastmode.server.messages import final_message, finish
+    pieces = ["Checking. ", '<tool_call>', '{"name": "get_weather", "arguments": {"city": "Oslo"}}', '</tool_call>',
+              ' Sure', '!']
+    tokenizer = SimpleNamespace(decode=lambda ids: "".join(pieces[i] for i in ids))
+    recorded = []
+    for choice in (None, {"type": "none"}):
+        prep = SimpleNamespace(entry=SimpleNamespace(id="m"), req=SimpleNamespace(tools=TOOLS, tool_choice=choice),
+                               usage=lambda n, cache=None: {"output_tokens": n}, ledger_usage=lambda n, cache=None: n)
+        names = [t["name"] for t in TOOLS] if choice is None else ()
+
+        async def run(streamed):
+            gen = Generation(ScriptedEngine(pieces), tokenizer, [1], None, None, [], tool_names=names)
+            gen.start()
+            if streamed:
+                events = [json.loads(raw.decode().split("data: ", 1)[1]) async for raw in _stream(gen, "msg_1", prep)]
+            else:
+                events = [chunk async for chunk in gen.stream()]
+            finish(gen, SimpleNamespace(finish=lambda usage, stop: recorded.append((usage, stop))), prep)
+            return gen, events
+        gen, events = asyncio.run(run(True))
+        delta = next(e for e in events if e["type"] == "message_delta")
+        kinds = [e["content_block"]["type"] for e in events if e["type"] == "content_block_start"]
+        gen2, _ = asyncio.run(run(False))
+        msg = final_message(prep, gen2, "msg_2")
+        if choice is None:  # the model ends its turn right after the call: the row says tool_use too
+            ended = Generation(ScriptedEngine(pieces[:4], Status.FINISHED_STOPPED), tokenizer, [1], None, None, [],
+                               tool_names=names)
+
+            async def drain():
+                ended.start()
+                return [chunk async for chunk in ended.stream()]
+            asyncio.run(drain())
+            assert ended.outcome.stop_reason == "end_turn"
+            finish(ended, SimpleNamespace(finish=lambda usage, stop: recorded.append((usage, stop))), prep)
+            assert recorded.pop() == (4, "tool_use")
+        if choice is None:
+            assert kinds == ["text", "tool_use"] and delta["delta"]["stop_reason"] == "tool_use"
+            assert delta["usage"]["output_tokens"] == 5
+            assert [b["type"] for b in msg["content"]] == ["text", "tool_use"] and msg["stop_reason"] == "tool_use"
+            assert recorded == [(5, "tool_use"), (5, "tool_use")]
+        else:
+            assert kinds == ["text"] and delta["delta"]["stop_reason"] == "max_tokens"
+            assert msg["content"] == [{"type": "text", "text": "".join(pieces)}] and msg["stop_reason"] == "max_tokens"
+            assert recorded[2:] == [(6, "max_tokens"), (6, "max_tokens")]

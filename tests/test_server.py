@@ -70,6 +70,18 @@ def test_temperature_rules_per_api_version(url, client):
                                extra_body={"temperature": 0.5})
 
 
+def test_a_tool_result_answers_an_assistant_turn_split_in_two_messages(client):
+    """Consecutive assistant messages are one turn: a result may answer a call in either."""
+    msg = client.messages.create(model=MODEL, max_tokens=2, tools=[{"name": "a", "input_schema": {"type": "object"}}],
+                                 messages=[{"role": "user", "content": "x"},
+                                           {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a",
+                                                                              "input": {}}]},
+                                           {"role": "assistant", "content": "checking"},
+                                           {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
+                                                                         "content": "y"}]}])
+    assert msg.usage.output_tokens == 2
+
+
 @pytest.mark.parametrize("body,status,needle", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
@@ -105,13 +117,20 @@ def test_temperature_rules_per_api_version(url, client):
      400, "messages.2.content.0: unexpected `tool_use_id`"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "t1", "content": "y"}]}]}, 400, "unexpected `tool_use_id`"),
+    ({"model": MODEL, "max_tokens": 5, "messages": [  # a later turn answers only the turn before it
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "y"}]},
+        {"role": "assistant", "content": "z"},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "y"}]}]},
+     400, "messages.4.content.0: unexpected `tool_use_id`"),
     ({"model": MODEL, "max_tokens": 5, "messages": [
         {"role": "user", "content": "x"},
         {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": "yes"}]}]},
      400, "is_error"),
     ({"model": MODEL, "max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
-      "messages": [{"role": "user", "content": "x"}]}, 400, "tools.0.type: server tools"),
+      "messages": [{"role": "user", "content": "x"}]}, 400, "tools.0.type: Anthropic-defined tools"),
     ({"model": MODEL, "max_tokens": 5, "temprature": 0.2, "messages": [{"role": "user", "content": "x"}]},
      400, "temprature: Extra inputs are not permitted"),
     ({"model": MODEL, "max_tokens": 5, "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}},

@@ -82,7 +82,8 @@ def _parse_requests(body: Any) -> list[tuple[str, dict[str, Any]]]:
             raise InvalidRequest(f"requests.{i}.params: Field required (an object of Messages API parameters)")
         if params.get("stream"):
             raise InvalidRequest(f"requests.{i}.params.stream: streaming is not available in batches")
-        out.append((cid, params))
+        # the SDK's request type for a batch item also has the header parameters of a direct call
+        out.append((cid, {k: v for k, v in params.items() if k not in ("betas", "user_profile_id", "workspace_id")}))
     return out
 
 

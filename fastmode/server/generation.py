@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -9,7 +11,7 @@ from fastmode.engine.engine import Engine
 from fastmode.engine.prefix_cache import CacheResult, CacheSpec
 from fastmode.engine.request import Lane, SamplingParams, Status, TokenDelta
 from fastmode.server.errors import new_id
-from fastmode.server.prompt import TOOL_CLOSE, TOOL_OPEN
+from fastmode.server.prompt import TOOL_CLOSE, TOOL_OPEN, read_call
 from fastmode.tokenizer.tokenizer import IncrementalDecoder, Tokenizer
 
 _STOP_REASONS = {
@@ -17,6 +19,7 @@ _STOP_REASONS = {
     Status.FINISHED_LENGTH: "max_tokens",
     Status.FINISHED_CONTEXT: "model_context_window_exceeded",
 }
+_SPACE = re.compile(r"\s*")
 
 
 class GenerationFailed(RuntimeError):
@@ -43,18 +46,23 @@ class Generation:
     """One request's run through the engine, as an async iterator of text deltas."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
-                 lane: Lane, stop_sequences: list[str], hold_tool_calls: bool, priority: int = 0,
+                 lane: Lane, stop_sequences: list[str], tool_names: Collection[str] = (), priority: int = 0,
                  cache: CacheSpec | None = None, prefix: str = "", pool: str | None = None,
                  single_tool_call: bool = False, max_len: int | None = None) -> None:
-        """`hold_tool_calls`: the request has tools; a tool call is held back from streaming
-        (parsed at the end), and the reply ends after its tool calls: after the first with
-        `single_tool_call` (parallel tool use off). `max_len`: the model entry's context
-        window, when smaller than the weights'."""
+        """`tool_names`: the tools the model may call (none: no tool calls). A tool call is
+        held back from streaming (parsed at the end), and the reply ends once its tool calls
+        are done (see `_after_tool_calls`): after the first that reads with `single_tool_call`
+        (parallel tool use off). `max_len`: the model entry's context window, when smaller
+        than the weights'."""
         self.engine, self.tokenizer = engine, tokenizer
         self.prompt_ids, self.params, self.lane = prompt_ids, params, lane
         self.stops = stop_sequences
-        self.hold_tool_calls = hold_tool_calls
+        self.tool_names = frozenset(tool_names)
+        self.hold_tool_calls = bool(self.tool_names)
         self.single_tool_call = single_tool_call
+        # where the text's first tool call opens (-1: none yet), how much of the text has been
+        # searched for tool-call tags, where each close found ends, and the close last judged
+        self._open, self._scanned, self._closes, self._judged = -1, 0, [], -1
         self.max_len = max_len
         self.prefix = prefix  # text the prompt ends with that the output continues (a forced tool call's start)
         self.priority = priority
@@ -132,8 +140,8 @@ class Generation:
                     out.stop_reason = _STOP_REASONS[delta.status]
                     text += decoder.flush()
                 limit = len(text) if finished else len(text) - self._holdback(text)
-                if self.hold_tool_calls and TOOL_OPEN in text[: max(limit, sent)]:
-                    limit = min(limit, text.index(TOOL_OPEN))
+                if self.hold_tool_calls and 0 <= self._first_open(text) < max(limit, sent):
+                    limit = min(limit, self._open)
                 if limit > sent:
                     chunk, sent = text[sent:limit], limit
                     yield chunk
@@ -142,24 +150,50 @@ class Generation:
                 self.abort()  # client gone, or ended here: free the KV blocks now
         out.text, out.tail = text[:sent], text[sent:]
 
+    def _first_open(self, text: str) -> int:
+        """Where the text's first tool call opens (-1: none), searching only what is new."""
+        if self._open < 0:
+            self._open = text.find(TOOL_OPEN, max(0, self._scanned - len(TOOL_OPEN) + 1))
+        return self._open
+
     def _after_tool_calls(self, text: str) -> str | None:
-        """Text up to the end of the reply's tool calls, once they are done: a call's close
-        followed by text that is not another call (or, with `single_tool_call`, the first
-        call's close). The model would otherwise go on writing what the reply drops (the
-        tokens are counted and billed); its stop reason is then tool_use, or end_turn where
-        no call reads."""
-        first = text.find(TOOL_OPEN)
-        if first < 0:
+        """Text up to the end of the reply's tool calls, once they are done and one reads (a
+        known tool's name and an arguments object): a call's close followed by text that is
+        not another call, or, with `single_tool_call`, the first close of a call that reads.
+        The model would otherwise go on writing what the reply drops; its stop reason is
+        then tool_use. Calls that do not read end nothing: the reply stays text. Each call
+        searches only the text that is new since the last."""
+        opened = self._first_open(text)
+        if opened >= 0:
+            at = text.find(TOOL_CLOSE, max(opened, self._scanned - len(TOOL_CLOSE) + 1))
+            while at >= 0:
+                self._closes.append(at + len(TOOL_CLOSE))
+                at = text.find(TOOL_CLOSE, at + 1)
+        self._scanned = len(text)
+        if not self._closes:
             return None
-        close = text.find(TOOL_CLOSE, first) if self.single_tool_call else text.rfind(TOOL_CLOSE)
-        if close < first:
+        if self.single_tool_call:
+            ends = [e for e in self._closes if e > self._judged]
+            self._judged = self._closes[-1]
+            end = next((e for e in ends if self._reads(text[text.rfind(TOOL_OPEN, 0, e):e])), None)
+        else:
+            end = self._closes[-1]
+            after = _SPACE.match(text, end).end()
+            if after == len(text) or TOOL_OPEN.startswith(text[after:after + len(TOOL_OPEN)]) or end == self._judged:
+                return None  # nothing after the close yet, another call, or judged already
+            self._judged = end
+            if not self._reads(text[opened:end]):
+                return None
+        if end is None:
             return None
-        end = close + len(TOOL_CLOSE)
-        after = text[end:].lstrip()
-        if not self.single_tool_call and (not after or after.startswith(TOOL_OPEN) or TOOL_OPEN.startswith(after)):
-            return None  # nothing yet, or another call
-        self.outcome.stop_reason = "end_turn"
+        self.outcome.stop_reason = "tool_use"
         return text[:end]
+
+    def _reads(self, calls: str) -> bool:
+        """Whether one of the tool calls in `calls` reads as a call of a known tool."""
+        parts = calls.split(TOOL_OPEN)[1:]
+        return any((call := read_call(p.split(TOOL_CLOSE)[0].strip())) is not None and call[0] in self.tool_names
+                   for p in parts)
 
     def _find_stop(self, text: str, sent: int) -> str | None:
         """Text up to the earliest stop sequence, if one has appeared; records which."""

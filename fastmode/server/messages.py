@@ -21,12 +21,12 @@ from fastmode.platform.ratelimit import RateLimitExceeded, retry_headers
 from fastmode.platform.service import Ticket
 from fastmode.server import errors
 from fastmode.server.errors import InvalidRequest, new_id
-from fastmode.server.generation import Generation, GenerationAborted
+from fastmode.server.generation import Generation, GenerationAborted, Outcome
 from fastmode.server.http import ClientGone, betas, json_body, log
 from fastmode.server.policy import check_model_params, effort_instruction, resolve_service_tier, resolve_speed
 from fastmode.server.caching import cache_spec
-from fastmode.server.prompt import (breakpoint_ttl, forced_tool_prefix, parse_output, render_marked, render_prompt,
-                                    single_tool_call)
+from fastmode.server.prompt import (breakpoint_ttl, callable_tools, forced_tool_prefix, parse_output, render_marked,
+                                    render_prompt, single_tool_call)
 from fastmode.server.state import Backend, ServerState
 from fastmode.server.validate import MessagesRequest, cacheable_blocks, parse_messages_request
 
@@ -146,7 +146,7 @@ def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
     """Queue the request in its engine; a refusal releases the ticket's reservation."""
     lane = Lane.FAST if prep.speed == "fast" else Lane.STANDARD
     gen = Generation(prep.backend.engine, prep.backend.loaded.tokenizer, prep.ids, sampling(prep), lane,
-                     prep.req.stop_sequences, hold_tool_calls=bool(prep.req.tools),
+                     prep.req.stop_sequences, tool_names=[t["name"] for t in callable_tools(prep.req)],
                      priority=PRIORITY[prep.service_tier], cache=prep.cache, prefix=forced_tool_prefix(prep.req),
                      pool=prep.pool, single_tool_call=single_tool_call(prep.req), max_len=prep.window)
     try:
@@ -162,7 +162,19 @@ def start_generation(prep: Prepared, ticket: Ticket) -> Generation:
 
 def finish(gen: Generation, ticket: Ticket, prep: Prepared) -> None:
     out = gen.outcome
-    ticket.finish(prep.ledger_usage(out.output_tokens, out.cache), out.stop_reason or ("error" if gen.failed else "canceled"))
+    stop = stop_reason(prep, out, content(prep, out)) if out.stop_reason else ("error" if gen.failed else "canceled")
+    ticket.finish(prep.ledger_usage(out.output_tokens, out.cache), stop)
+
+
+def content(prep: Prepared, out: Outcome, text: str | None = None) -> list[dict[str, Any]]:
+    """The reply's content blocks: its text (or `text`, a part of it) with its tool calls."""
+    return parse_output(out.text + out.tail if text is None else text, callable_tools(prep.req),
+                        single_tool_call(prep.req))
+
+
+def stop_reason(prep: Prepared, out: Outcome, blocks: list[dict[str, Any]]) -> str | None:
+    """tool_use where the reply's blocks hold a tool call, else why generation stopped."""
+    return "tool_use" if any(b["type"] == "tool_use" for b in blocks) else out.stop_reason
 
 
 def message_json(msg_id: str, model: str, content: list[dict[str, Any]], stop_reason: str | None,
@@ -173,9 +185,9 @@ def message_json(msg_id: str, model: str, content: list[dict[str, Any]], stop_re
 
 def final_message(prep: Prepared, gen: Generation, msg_id: str) -> dict[str, Any]:
     out = gen.outcome
-    content = parse_output(out.text + out.tail, prep.req.tools, single_tool_call(prep.req))
-    stop = "tool_use" if any(b["type"] == "tool_use" for b in content) else out.stop_reason
-    return message_json(msg_id, prep.entry.id, content, stop, out.stop_sequence if stop == "stop_sequence" else None,
+    blocks = content(prep, out)
+    stop = stop_reason(prep, out, blocks)
+    return message_json(msg_id, prep.entry.id, blocks, stop, out.stop_sequence if stop == "stop_sequence" else None,
                         prep.usage(out.output_tokens, out.cache))
 
 
@@ -302,7 +314,7 @@ async def _stream(gen: Generation, msg_id: str, prep: Prepared) -> AsyncIterator
     stop = out.stop_reason
     # the held-back tail: tool calls, or text (a malformed call stays text) that continues the
     # open text block, so the stream adds up to the blocks a non-streamed reply has
-    for block in parse_output(out.tail, prep.req.tools, single_tool_call(prep.req)) if out.tail else []:
+    for block in content(prep, out, out.tail) if out.tail else []:
         if block["type"] == "text" and text_open:
             yield _sse("content_block_delta", {"type": "content_block_delta", "index": index,
                                                "delta": {"type": "text_delta", "text": block["text"]}})

@@ -41,6 +41,11 @@ def forced_tool_prefix(req: MessagesRequest) -> str:
     return f'{TOOL_OPEN}{{"name": "'
 
 
+def callable_tools(req: MessagesRequest) -> list[dict[str, Any]]:
+    """The tools the model is shown and may call: none with `tool_choice` "none"."""
+    return [] if (req.tool_choice or {}).get("type") == "none" else req.tools
+
+
 def single_tool_call(req: MessagesRequest) -> bool:
     """Whether a reply may hold one tool call at most (`disable_parallel_tool_use`)."""
     return bool((req.tool_choice or {}).get("disable_parallel_tool_use"))
@@ -162,7 +167,7 @@ def parse_output(text: str, tools: list[dict[str, Any]], single: bool = False) -
     head = text[: text.index(TOOL_OPEN)]
     blocks: list[dict[str, Any]] = [{"type": "text", "text": head}] if head else []
     for m in _TOOL_CALL.finditer(text):
-        call = _read_call(m.group(1))
+        call = read_call(m.group(1))
         if call is None or call[0] not in names:
             continue
         blocks.append({"type": "tool_use", "id": new_id("toolu_"), "name": call[0], "input": call[1]})
@@ -178,15 +183,22 @@ _DECODER = json.JSONDecoder()
 _CALL_START = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|input)"\s*:\s*')
 
 
-def _read_call(body: str) -> tuple[str, dict[str, Any]] | None:
-    """(name, arguments) of a tool call's text, or None where it does not read."""
+def read_call(body: str) -> tuple[str, dict[str, Any]] | None:
+    """(name, arguments) of a tool call's text (what stands between its tags), or None where
+    it does not read. Arguments given as a string of JSON (a habit from other APIs) read as
+    that object; no arguments, as an empty one."""
     try:
         call, _ = _DECODER.raw_decode(body)
     except json.JSONDecodeError:
         call = None
     if isinstance(call, dict) and isinstance(call.get("name"), str):
         args = call.get("arguments", call.get("input", {}))
-        return call["name"], args if isinstance(args, dict) else {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+        return (call["name"], args) if isinstance(args, dict) else None
     start = _CALL_START.match(body)  # the object does not close: read the arguments alone
     if start is None:
         return None

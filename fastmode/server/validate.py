@@ -190,9 +190,9 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
             if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not t["name"]:
                 raise InvalidRequest(f"tools.{i}.name: Field required (a non-empty string)")
             if t.get("type") not in (None, "custom"):
-                raise InvalidRequest(f"tools.{i}.type: server tools ({t['type']!r}) are not available on this "
-                                     f"server (capabilities.server_tools in /v1/models); define a custom tool "
-                                     f"with an input_schema instead")
+                raise InvalidRequest(f"tools.{i}.type: Anthropic-defined tools ({t['type']!r}) are not available "
+                                     f"on this server (capabilities.server_tools in /v1/models); define a custom "
+                                     f"tool with an input_schema instead")
             if t.get("type") in (None, "custom") and not isinstance(t.get("input_schema"), dict):
                 raise InvalidRequest(f"tools.{i}.input_schema: Field required (a JSON schema object)")
         names = [t["name"] for t in tools]
@@ -337,8 +337,9 @@ def _check_tool_results(messages: list[Message]) -> None:
     requires: a result the model never asked for has nothing to answer)."""
     asked: set[str] = set()
     for i, m in enumerate(messages):
-        if m.role == "assistant":
-            asked = {b["id"] for b in m.blocks if b.get("type") == "tool_use"}
+        if m.role == "assistant":  # consecutive assistant messages are one turn
+            ids = {b["id"] for b in m.blocks if b.get("type") == "tool_use"}
+            asked = asked | ids if i and messages[i - 1].role == "assistant" else ids
             continue
         for j, b in enumerate(m.blocks):
             if b.get("type") == "tool_result" and b["tool_use_id"] not in asked:
