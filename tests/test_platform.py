@@ -456,7 +456,8 @@ def test_batches_through_the_sdk(tiny):
     with catalog_server(tiny) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         batch = c.messages.batches.create(requests=[
-            {"custom_id": "std", "params": {"model": "claude-opus-4-8", "max_tokens": 8, "messages": HI}},
+            {"custom_id": "std", "params": {"model": "claude-opus-4-8", "max_tokens": 8, "messages": HI,
+                                            "betas": ["token-counting-2024-11-01"]}},  # a header parameter the SDK's type has
             {"custom_id": "fast", "params": {"model": "claude-opus-5-5", "max_tokens": 8, "speed": "fast", "messages": HI}},
             {"custom_id": "nomodel", "params": {"model": "", "max_tokens": 8, "messages": HI}},
         ])
