@@ -52,6 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {"num_threads": args.threads, "kv_cache_tokens": args.kv_cache_tokens, "device": args.device,
                  "dtype": args.dtype}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    _check_port_free(host, port)  # before minutes of loading, not after
     weights = ([e.weights for e in settings.models] if settings.models
                else [args.model or server.get("model", DEFAULT_MODEL)])
     loaded = {}
@@ -85,6 +86,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """An OSError naming the address if another process listens on it."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot serve on {host}:{port}: {e}") from e
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise OSError(f"cannot serve on {host}:{port}: {e.strerror} (another process listens there? "
+                          f"choose another with --port)") from e
+
+
 def _on_off(value: str) -> bool:
     if value not in ("on", "off"):
         raise argparse.ArgumentTypeError("use on or off")
@@ -98,7 +117,11 @@ def _accounts(args: argparse.Namespace) -> int:
     from fastmode.platform.db import Database
 
     settings = _settings(args)
-    accounts = Accounts(Database(_database(args, settings.server)), open_mode=False)
+    path = _database(args, settings.server)
+    if not os.path.isfile(path) and not (args.what == "org" and args.action == "create"):
+        raise ValueError(f"no database at {path}: create an organization first (`fastmode accounts org create "
+                         f"NAME`), or name the server's database with --db or --config")
+    accounts = Accounts(Database(path), open_mode=False)
 
     def show(obj) -> None:
         print(json.dumps(dataclasses.asdict(obj), indent=2))
@@ -119,6 +142,9 @@ def _accounts(args: argparse.Namespace) -> int:
             if not value or not name:
                 raise ValueError(f"--limit {item!r}: use LANE.KEY=N, e.g. fast.output_tokens_per_minute=20000 "
                                  f"(N = none removes the override)")
+            if value != "none" and not value.isdigit():
+                raise ValueError(f"--limit {item!r}: N must be a whole number of tokens or requests per minute, "
+                                 f"or none")
             limits.setdefault(lane, {})[name] = None if value == "none" else int(value)
         show(accounts.update_org(args.name, limits=limits or None, **flags))
     elif args.what == "key" and args.action == "create":

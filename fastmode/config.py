@@ -42,6 +42,9 @@ class LaneConfig:
     max_tokens_per_step: int  # prefill + decode tokens in one forward pass
     speculate: bool  # propose drafts and verify them
 
+    def __post_init__(self) -> None:
+        _at_least(self, max_batch=1, max_tokens_per_step=1)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -77,6 +80,10 @@ class EngineConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        _at_least(self, num_threads=0, kv_cache_tokens=self.block_size, block_size=1, prefill_chunk=1,
+                  max_waiting=0, max_draft=0, max_fast_steps_per_standard=1)
+        if not self.fast_share_target > 0:
+            raise ValueError(f"fast_share_target must be above 0, not {self.fast_share_target!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         base, _, index = self.device.partition(":") if isinstance(self.device, str) else ("", "", "")
@@ -85,3 +92,11 @@ class EngineConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _at_least(config: object, **least: int) -> None:
+    """Each named setting a whole number of at least its least value."""
+    for name, low in least.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be a whole number of at least {low}, not {value!r}")

@@ -11,7 +11,8 @@ from fastmode.config import EngineConfig, LaneConfig
 from fastmode.platform.accounts import AccountError, check_limits
 from fastmode.platform.catalog import CatalogError, ModelEntry, entry_from_table
 
-SERVER_KEYS = {"host", "port", "model", "database", "open_mode", "native_kernels"}
+SERVER_TYPES = {"host": str, "port": int, "model": str, "database": str, "open_mode": bool, "native_kernels": bool}
+SERVER_KEYS = set(SERVER_TYPES)
 
 
 class SettingsError(ValueError):
@@ -37,7 +38,10 @@ def _lane(raw: Any, where: str, default: LaneConfig) -> LaneConfig:
     if unknown:
         raise SettingsError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
     _check_types(raw, default, where)
-    return dataclasses.replace(default, **raw)
+    try:
+        return dataclasses.replace(default, **raw)
+    except ValueError as e:
+        raise SettingsError(f"{where}: {e}") from e
 
 
 def _check_types(raw: dict[str, Any], defaults: Any, where: str) -> None:
@@ -82,8 +86,18 @@ def load_settings(path: str | Path) -> Settings:
     unknown = set(server) - SERVER_KEYS
     if unknown:
         raise SettingsError(f"{path}: [server] has unknown setting(s) {', '.join(sorted(unknown))}")
-    if "open_mode" in server and not isinstance(server["open_mode"], bool):
-        raise SettingsError(f"{path}: [server] open_mode must be true or false (not a string)")
+    for key, kind in SERVER_TYPES.items():
+        value = server.get(key)
+        if value is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+            what = {bool: "true or false", int: "a whole number", str: "a string"}[kind]
+            raise SettingsError(f"{path}: [server] {key} must be {what}, not {value!r}")
+    if "port" in server and not 0 < server["port"] < 65536:
+        raise SettingsError(f"{path}: [server] port must be between 1 and 65535, not {server['port']}")
+    if "model" in server and data.get("models"):
+        raise SettingsError(f"{path}: [server] model cannot be combined with a [[models]] catalog; "
+                            f"set `weights` in the catalog's entries")
+    if "database" in server:  # relative to the file, wherever the command runs from
+        server = {**server, "database": str(Path(path).parent / Path(server["database"]).expanduser())}
     engine = dict(data.get("engine", {}))
     base = EngineConfig()
     lanes = {name: _lane(engine.pop(name), f"{path}: [engine.{name}]", getattr(base, name))

@@ -317,6 +317,17 @@ def test_fast_pool_is_separate_and_429s_carry_retry_after(tiny):
         assert e.value.response.headers["x-should-retry"] == "false" and "retry-after" not in e.value.response.headers
 
 
+def test_a_limit_of_zero_says_so_instead_of_asking_for_a_smaller_request(tiny):
+    with catalog_server(tiny, limits={"standard": {"requests_per_minute": 0}, "fast": {"output_tokens_per_minute": 0}}) as (url, _):
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        for speed, what in (("standard", "allows no requests per minute"),
+                            ("fast", "allows no output tokens per minute; send the request without speed")):
+            with pytest.raises(anthropic.RateLimitError) as e:
+                c.messages.create(model="claude-opus-5-5", max_tokens=5, speed=speed, messages=HI)
+            assert what in e.value.message and "max_tokens" not in e.value.message
+            assert e.value.response.headers["x-should-retry"] == "false"
+
+
 def test_sdk_default_retries_succeed_once_retry_after_has_passed(tiny):
     limits = {"fast": {"input_tokens_per_minute": 1200}}  # 20 tokens a second, real clock
     with catalog_server(tiny, limits=limits) as (url, platform):
@@ -476,6 +487,23 @@ def test_batches_through_the_sdk(tiny):
         assert c.messages.batches.delete(batch.id).type == "message_batch_deleted"
         with pytest.raises(anthropic.NotFoundError):
             c.messages.batches.retrieve(batch.id)
+
+
+def test_turning_on_zero_data_retention_stops_a_pending_batch(tiny):
+    """Items that had not started when the organization turned ZDR on end errored, with no
+    output stored and their prompt dropped; those already running finish."""
+    with catalog_server(tiny) as (url, platform):
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        many = [{"custom_id": f"r{i}", "params": {"model": "claude-opus-5-5", "max_tokens": 400,
+                                                   "messages": [{"role": "user", "content": f"story {i}"}]}}
+                for i in range(40)]
+        batch = c.messages.batches.create(requests=many)
+        platform.accounts.update_org("default", zero_data_retention=True)
+        ended = wait_ended(c, batch.id)
+        assert ended.request_counts.errored > 0 and ended.request_counts.errored + ended.request_counts.succeeded == 40
+        rows = platform.db.query("SELECT state, params, result FROM batch_items WHERE batch_id = ?", (batch.id,))
+        stopped = [r for r in rows if r["state"] == "errored"]
+        assert all("zero data retention" in r["result"] and "story" not in r["result"] + r["params"] for r in stopped)
 
 
 def test_batch_cancel_and_bad_input(tiny):

@@ -87,3 +87,63 @@ def test_fast_mode_removal_dates_are_checked(tmp_path):
     cfg.write_text(model.replace('"deprecated"', '"sunset"'))
     with pytest.raises(SettingsError, match="deprecated"):  # the message lists the statuses
         load_settings(cfg)
+
+
+def test_server_and_catalog_settings_must_be_of_their_kind(tmp_path):
+    """A quoted "false" must not read as true anywhere in the file, and values that make no
+    sense (a negative price, a port out of range, a lane of no requests) are named at load."""
+    cfg = tmp_path / "c.toml"
+    model = '[[models]]\nid = "m"\nweights = "tiny-random"\n'
+    for text, name in (('[server]\nnative_kernels = "false"\n', "native_kernels must be true or false"),
+                       ('[server]\nport = "abc"\n', "port must be a whole number"),
+                       ("[server]\nport = 8121.5\n", "port must be a whole number"),
+                       ("[server]\nport = 70000\n", "port must be between 1 and 65535"),
+                       ("[server]\nhost = 5\n", "host must be a string"),
+                       ("[server]\ndatabase = 5\n", "database must be a string"),
+                       ('[server]\nmodel = "tiny-random"\n' + model, "cannot be combined with a \\[\\[models\\]\\]"),
+                       (model + 'sampling_params = "false"\n', "sampling_params. must be true or false"),
+                       (model + "display_name = 5\n", "display_name. must be a string"),
+                       (model + "context_window = true\n", "context_window. must be a positive integer"),
+                       (model + 'created_at = "yesterday"\n', "created_at. must be a date and time"),
+                       (model + "prices = { input = -1.0 }\n", "prices.input must be a number"),
+                       (model + 'prices = { output = "5" }\n', "prices.output must be a number"),
+                       ("[engine.fast]\nmax_batch = 0\n", "max_batch must be a whole number of at least 1"),
+                       ("[engine]\nkv_cache_tokens = -5\n", "kv_cache_tokens must be a whole number of at least 16"),
+                       ("[engine]\nnum_threads = -1\n", "num_threads must be a whole number of at least 0")):
+        cfg.write_text(text)
+        with pytest.raises(SettingsError, match=name):
+            load_settings(cfg)
+
+
+def test_a_relative_database_path_is_the_config_files(tmp_path, monkeypatch):
+    """`serve` and `accounts` started from different folders read the same database."""
+    (tmp_path / "etc").mkdir()
+    cfg = tmp_path / "etc" / "fastmode.toml"
+    cfg.write_text('[server]\ndatabase = "data/fm.db"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(cfg).server["database"] == str(tmp_path / "etc" / "data" / "fm.db")
+    cfg.write_text('[server]\ndatabase = "/srv/fm.db"\n')
+    assert load_settings(cfg).server["database"] == "/srv/fm.db"
+
+
+def test_operator_mistakes_are_said_before_anything_runs(tmp_path, capsys):
+    """A port another process listens on is named before the model loads; `accounts` on a
+    database that does not exist (a mistyped --db) says so instead of making an empty one;
+    a --limit that is not a number names the flag."""
+    import socket
+
+    from fastmode.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "no-such-model-is-loaded", "--port", str(port)]) == 2
+        assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    db = tmp_path / "typo.db"
+    assert main(["accounts", "--db", str(db), "key", "create", "acme"]) == 2
+    assert "no database at" in capsys.readouterr().err and not db.exists()
+    assert main(["accounts", "--db", str(db), "org", "create", "acme"]) == 0 and db.exists()
+    capsys.readouterr()
+    assert main(["accounts", "--db", str(db), "org", "set", "acme", "--limit", "fast.output_tokens_per_minute=1e5"]) == 2
+    assert "--limit 'fast.output_tokens_per_minute=1e5': N must be a whole number" in capsys.readouterr().err

@@ -119,6 +119,10 @@ def entry_from_table(raw: dict[str, Any], where: str) -> ModelEntry:
         prices = raw.get("prices", {})
         if not isinstance(prices, dict) or set(prices) - {f.name for f in fields(Prices)}:
             raise CatalogError(f"{where}: `prices` takes input, output, fast_input, fast_output (USD per million tokens)")
+        for k, v in prices.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise CatalogError(f"{where}: prices.{k} must be a number of USD per million tokens, 0 or more, "
+                                   f"not {v!r}")
         kw["prices"] = Prices(**{k: float(v) for k, v in prices.items()})
         if "fast_mode" in raw:
             kw["fast_mode"] = FastMode(raw["fast_mode"])
@@ -138,19 +142,25 @@ def entry_from_table(raw: dict[str, Any], where: str) -> ModelEntry:
     if bad:
         raise CatalogError(f"{where}: unknown effort level(s) {', '.join(sorted(bad))} (of {', '.join(EFFORT_LEVELS)})")
     for key in ("context_window", "max_output_tokens", "min_cacheable_tokens"):
-        if key in raw and (not isinstance(raw[key], int) or raw[key] < 1):
+        if key in raw and (isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] < 1):
             raise CatalogError(f"{where}: `{key}` must be a positive integer")
-    removed_at = raw.get("fast_mode_removed_at")
-    if isinstance(removed_at, datetime) and removed_at.tzinfo is not None:  # a TOML date-time with an offset
-        removed_at = kw["fast_mode_removed_at"] = removed_at.isoformat().replace("+00:00", "Z")
-    if removed_at is not None:
-        try:
-            if not isinstance(removed_at, str):
-                raise ValueError("not a string")
-            _timestamp(removed_at)
-        except ValueError:
-            raise CatalogError(f"{where}: `fast_mode_removed_at` must be a date and time with a time zone, "
-                               f"such as 2026-11-30T00:00:00Z") from None
+    for key in ("display_name", "lifecycle"):
+        if key in raw and not isinstance(raw[key], str):
+            raise CatalogError(f"{where}: `{key}` must be a string, not {raw[key]!r}")
+    if "sampling_params" in raw and not isinstance(raw["sampling_params"], bool):
+        raise CatalogError(f"{where}: `sampling_params` must be true or false, not {raw['sampling_params']!r}")
+    for key in ("fast_mode_removed_at", "created_at", "deprecated_at", "retires_at"):
+        when = raw.get(key)
+        if isinstance(when, datetime) and when.tzinfo is not None:  # a TOML date-time with an offset
+            when = kw[key] = when.isoformat().replace("+00:00", "Z")
+        if when is not None:
+            try:
+                if not isinstance(when, str):
+                    raise ValueError("not a string")
+                _timestamp(when)
+            except ValueError:
+                raise CatalogError(f"{where}: `{key}` must be a date and time with a time zone, "
+                                   f"such as 2026-11-30T00:00:00Z") from None
     if kw.get("lifecycle", "active") not in ("active", "deprecated"):
         raise CatalogError(f"{where}: `lifecycle` is active or deprecated")
     return ModelEntry(**kw)

@@ -39,10 +39,12 @@ class RateLimitExceeded(Exception):
     """A refusal: `dimension` refused; `retry_after` seconds until the same request fits everywhere,
     unless `never` (the cost alone exceeds the limit); `headers` describe the pool at refusal."""
 
-    def __init__(self, dimension: str, retry_after: float, never: bool, headers: dict[str, str]) -> None:
+    def __init__(self, dimension: str, retry_after: float, never: bool, headers: dict[str, str],
+                 limit: int | None = None) -> None:
         super().__init__(f"rate limit exceeded on {dimension}"
                          + (" (request exceeds the limit)" if never else f"; retry after {retry_after:.3f}s"))
         self.dimension = dimension
+        self.limit = limit  # the refused dimension's limit per minute
         self.retry_after = retry_after
         self.never = never
         self.headers = headers
@@ -102,7 +104,7 @@ class RateLimiter:
                 if wait > EPS:
                     waits[dim] = wait
             if never is not None:
-                raise RateLimitExceeded(never, 0.0, True, self._headers(pool, limits, now))
+                raise RateLimitExceeded(never, 0.0, True, self._headers(pool, limits, now), limits.of(never))
             if waits:
                 dim = max(waits, key=waits.__getitem__)
                 raise RateLimitExceeded(dim, waits[dim], False, self._headers(pool, limits, now))

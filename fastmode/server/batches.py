@@ -275,6 +275,10 @@ class BatchRunner:
         gen = ticket = prep = None
         try:
             org = state.platform.accounts.org(row["org_id"])
+            if org.zero_data_retention:  # turned on since the batch was made: store no output, drop the prompt
+                raise errors.PermissionDenied("zero data retention was turned on for your organization after this "
+                                              "batch was created; its pending items are not run (their results "
+                                              "would be stored)")
             prep = await prepare(state, json.loads(row["params"]), row["api_version"],
                                  set(filter(None, row["betas"].split(","))), org, batch=True)
             ticket = state.platform.admit(org, row["api_key_id"], prep.entry, request_id=request_id, speed=prep.speed,

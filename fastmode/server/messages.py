@@ -200,7 +200,10 @@ def admit(state: ServerState, principal: Principal, prep: Prepared, request_id: 
     except RateLimitExceeded as e:
         pool = "fast mode" if prep.speed == "fast" else "standard"
         what = e.dimension.replace("_", " ")
-        if e.never:
+        if e.never and e.limit == 0:
+            msg = (f"Your organization's {pool} rate limit allows no {what} per minute"
+                   + ("; send the request without speed \"fast\"" if prep.speed == "fast" else ""))
+        elif e.never:
             msg = (f"This request's {what} exceed your organization's {pool} rate limit per minute on their own; "
                    f"lower max_tokens or the prompt" + (", or send it without speed \"fast\"" if prep.speed == "fast"
                                                         else ""))
