@@ -88,20 +88,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_port_free(host: str, port: int) -> None:
     """An OSError naming the address if another process listens on it."""
+    import errno
     import socket
 
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise OSError(f"cannot serve on {host}:{port}: {e}") from e
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as the server binds
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
+            probe.bind((host, port))
         except OSError as e:
-            raise OSError(f"cannot serve on {host}:{port}: {e.strerror} (another process listens there? "
-                          f"choose another with --port)") from e
+            hint = " (another process listens there: choose another with --port)" if e.errno == errno.EADDRINUSE else ""
+            raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}{hint}") from e
 
 
 def _on_off(value: str) -> bool:
