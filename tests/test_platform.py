@@ -489,15 +489,19 @@ def test_batches_through_the_sdk(tiny):
             c.messages.batches.retrieve(batch.id)
 
 
+def long_batch(n: int) -> list[dict]:
+    """n batch items long enough (400 tokens each) that most are still pending a moment later."""
+    return [{"custom_id": f"r{i}", "params": {"model": "claude-opus-5-5", "max_tokens": 400,
+                                             "messages": [{"role": "user", "content": f"story {i}"}]}}
+            for i in range(n)]
+
+
 def test_turning_on_zero_data_retention_stops_a_pending_batch(tiny):
     """Items that had not started when the organization turned ZDR on end errored, with no
     output stored and their prompt dropped; those already running finish."""
     with catalog_server(tiny) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
-        many = [{"custom_id": f"r{i}", "params": {"model": "claude-opus-5-5", "max_tokens": 400,
-                                                   "messages": [{"role": "user", "content": f"story {i}"}]}}
-                for i in range(40)]
-        batch = c.messages.batches.create(requests=many)
+        batch = c.messages.batches.create(requests=long_batch(40))
         platform.accounts.update_org("default", zero_data_retention=True)
         ended = wait_ended(c, batch.id)
         assert ended.request_counts.errored > 0 and ended.request_counts.errored + ended.request_counts.succeeded == 40
@@ -509,10 +513,7 @@ def test_turning_on_zero_data_retention_stops_a_pending_batch(tiny):
 def test_batch_cancel_and_bad_input(tiny):
     with catalog_server(tiny) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
-        many = [{"custom_id": f"r{i}", "params": {"model": "claude-opus-5-5", "max_tokens": 400,
-                                                   "messages": [{"role": "user", "content": f"story {i}"}]}}
-                for i in range(40)]
-        batch = c.messages.batches.create(requests=many)
+        batch = c.messages.batches.create(requests=long_batch(40))
         r = httpx.get(f"{url}/v1/messages/batches/{batch.id}/results", headers=H)
         assert r.status_code == 400 and "has not ended" in r.json()["error"]["message"]
         with pytest.raises(anthropic.BadRequestError, match="still processing"):

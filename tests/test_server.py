@@ -82,6 +82,10 @@ def test_a_tool_result_answers_an_assistant_turn_split_in_two_messages(client):
     assert msg.usage.output_tokens == 2
 
 
+CALLED = [{"role": "user", "content": "x"},  # a conversation whose last turn called tool a as t1
+          {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]}]
+
+
 @pytest.mark.parametrize("body,status,needle", [
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
@@ -110,23 +114,17 @@ def test_a_tool_result_answers_an_assistant_turn_split_in_two_messages(client):
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, 400, "non-empty content"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]},
      400, "text content blocks must be non-empty"),
-    ({"model": MODEL, "max_tokens": 5, "messages": [
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+    ({"model": MODEL, "max_tokens": 5, "messages": [*CALLED,
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t2", "content": "y"}]}]},
      400, "messages.2.content.0: unexpected `tool_use_id`"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "tool_result", "tool_use_id": "t1", "content": "y"}]}]}, 400, "unexpected `tool_use_id`"),
-    ({"model": MODEL, "max_tokens": 5, "messages": [  # a later turn answers only the turn before it
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+    ({"model": MODEL, "max_tokens": 5, "messages": [*CALLED,  # a later turn answers only the turn before it
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "y"}]},
         {"role": "assistant", "content": "z"},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "y"}]}]},
      400, "messages.4.content.0: unexpected `tool_use_id`"),
-    ({"model": MODEL, "max_tokens": 5, "messages": [
-        {"role": "user", "content": "x"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]},
+    ({"model": MODEL, "max_tokens": 5, "messages": [*CALLED,
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": "yes"}]}]},
      400, "is_error"),
     ({"model": MODEL, "max_tokens": 5, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
