@@ -97,7 +97,7 @@ def load_settings(path: str | Path) -> Settings:
         raise SettingsError(f"{path}: [server] model cannot be combined with a [[models]] catalog; "
                             f"set `weights` in the catalog's entries")
     if "database" in server:  # relative to the file, wherever the command runs from
-        server = {**server, "database": str(Path(path).parent / Path(server["database"]).expanduser())}
+        server = {**server, "database": str(Path(path).resolve().parent / Path(server["database"]).expanduser())}
     engine = dict(data.get("engine", {}))
     base = EngineConfig()
     lanes = {name: _lane(engine.pop(name), f"{path}: [engine.{name}]", getattr(base, name))
