@@ -22,6 +22,13 @@ def test_top_k_and_top_p_remove_the_tail():
     assert pp[0, 2] == 0 and pp[0, 3] == 0 and torch.isclose(pp.sum(), torch.tensor(1.0))
 
 
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    for top_p in (1e-46, 1e-300, 1e-40):
+        p = probabilities(logits, SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p))
+        assert torch.equal(p, torch.tensor([[0.0, 1.0, 0.0]])), top_p
+
+
 def test_rejection_sampling_preserves_the_target_distribution():
     """Draft token 1 for two positions; the emitted (first, second) pairs must follow p1 x p2.
 

@@ -100,6 +100,13 @@ CALLED = [{"role": "user", "content": "x"},  # a conversation whose last turn ca
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, 400, "image"),
     ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "prompt is too long"),
+    # refused by its length in characters alone, before it is tokenized
+    ({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x" * 10 ** 6}]}, 400,
+     "prompt is too long: at least"),
+    ({"model": MODEL, "max_tokens": 5, "stop_sequences": ["s"] * 65, "messages": [{"role": "user", "content": "x"}]},
+     400, "at most 64 stop sequences"),
+    ({"model": MODEL, "max_tokens": 5, "stop_sequences": ["s" * 1001], "messages": [{"role": "user", "content": "x"}]},
+     400, "of at most 1000 characters"),
     ({"model": MODEL, "max_tokens": 10 ** 6, "messages": [{"role": "user", "content": "x"}]}, 400, "max_tokens"),
     ({"model": MODEL, "max_tokens": 5, "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "x"}]},
      400, "needs at least one tool"),

@@ -76,11 +76,16 @@ class Generation:
         """Length of the longest suffix of `text` that may start a stop sequence or tool call."""
         marks = self.stops + ([TOOL_OPEN] if self.hold_tool_calls else [])
         best = 0
-        for s in marks:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
+        if not text:
+            return 0
+        last = text[-1]
+        for s in marks:  # the prefixes of s ending in the text's last character, longest first
+            at = s.rfind(last, 0, min(len(s) - 1, len(text)))
+            while at + 1 > best:
+                if text.endswith(s[:at + 1]):
+                    best = at + 1
                     break
+                at = s.rfind(last, 0, at)
         return best
 
     def start(self) -> None:

@@ -77,10 +77,11 @@ def resolve_model(state: ServerState, name: str) -> ModelEntry:
     return entry
 
 
-def _prompt(req: MessagesRequest, backend: Backend, namespace: str,
-            min_cacheable: int) -> tuple[list[int], CacheSpec | None]:
+def _prompt(req: MessagesRequest, backend: Backend, namespace: str, min_cacheable: int,
+            window: int, model: str) -> tuple[list[int], CacheSpec | None]:
     """Render and tokenize, and place the cache breakpoints (CPU work: callers run it off the
-    event loop)."""
+    event loop). A text too long for the context window whatever its tokens is refused before
+    tokenizing: a body of megabytes would otherwise hold the interpreter for seconds."""
     tok = backend.loaded.tokenizer
     wants_cache = req.cache_control is not None or any(breakpoint_ttl(b) for _, b in cacheable_blocks(req))
     rendered = render_marked(req, backend.template) if wants_cache else None
@@ -90,6 +91,10 @@ def _prompt(req: MessagesRequest, backend: Backend, namespace: str,
     except UnicodeEncodeError as e:
         raise InvalidRequest(f"the request contains text that is not valid Unicode ({e.reason}); "
                              f"send UTF-8 text without lone surrogate escapes") from e
+    least = -(-len(text) // tok.max_token_chars)
+    if least >= window:
+        raise InvalidRequest(f"prompt is too long: at least {least} tokens >= {window} maximum (the context "
+                             f"window of {model})")
     ids, ends = tok.encode_with_ends(text)
     bos = int(tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id))
     if bos:
@@ -115,8 +120,9 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     # caches are never shared across organizations or model ids (several ids may share one
     # set of weights), nor (the engine adds the lane) across speeds
     namespace = f"{org.id}\0{entry.id}"
-    ids, cache = await run_in_threadpool(_prompt, req, backend, namespace, entry.min_cacheable_tokens)
     window = state.context_window(entry)
+    ids, cache = await run_in_threadpool(_prompt, req, backend, namespace, entry.min_cacheable_tokens, window,
+                                         entry.id)
     if not for_count:
         if len(ids) >= window:
             raise InvalidRequest(f"prompt is too long: {len(ids)} tokens >= {window} maximum "

@@ -16,6 +16,9 @@ INPUT_BLOCKS = {"text", "image", "document", "search_result", "thinking", "redac
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 SERVICE_TIERS = ("auto", "standard_only", "priority")  # priority: our explicit ask for the Priority Tier
 MAX_CACHE_BREAKPOINTS = 4
+# Stop sequences are looked for in the output as each token arrives: bounded, so that one
+# request cannot make that work (and everyone's streams with it) slow
+MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 64, 1000
 # Every top-level field the Messages API knows (count_tokens takes the same, unused ones
 # included); server-side and beta-only features this server does not implement are accepted and
 # ignored, as the API allows. Anything else (a misspelt `temprature`) is a 400, as on the API.
@@ -176,6 +179,9 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
                 raise InvalidRequest("stop_sequences: Input should be a list of strings")
             if any(not s for s in stops):
                 raise InvalidRequest("stop_sequences: each stop sequence must be a non-empty string")
+            if len(stops) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_CHARS for s in stops):
+                raise InvalidRequest(f"stop_sequences: at most {MAX_STOP_SEQUENCES} stop sequences of at most "
+                                     f"{MAX_STOP_CHARS} characters each")
             req.stop_sequences = stops
         stream = body.get("stream", False)
         if stream is not None and not isinstance(stream, bool):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its vocabulary entry's length: a
+        byte-level entry has a character per byte, and a character takes a byte at least), so
+        a text of n characters is at least n / max_token_chars tokens."""
+        return max((len(t) for t in self.hf.get_vocab(with_added_tokens=True)), default=1) or 1
 
     def token_text(self, token_id: int) -> str:
         return self.hf.id_to_token(token_id) or ""
