@@ -11,6 +11,8 @@ import sys
 from fastmode.config import DTYPES
 from fastmode.weights.registry import DEFAULT_MODEL
 
+SHUTDOWN_GRACE_S = 10
+
 
 def default_database() -> str:
     root = os.environ.get("FASTMODE_DATA") or os.path.join(
@@ -82,7 +84,9 @@ def _serve(args: argparse.Namespace) -> int:
     mode = "open mode: any key acts for the default organization" if platform.accounts.open_mode else "API keys required"
     print(f"fastmode: serving {', '.join(e.id for e in state.catalog.entries)} on http://{host}:{port} "
           f"(ANTHROPIC_BASE_URL=http://{host}:{port}); {mode}; database {db_path}", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(state), host=host, port=port, log_level=args.log_level)
+    # on Ctrl-C, requests still running get SHUTDOWN_GRACE_S to finish, then are cut off
+    uvicorn.run(create_app(state), host=host, port=port, log_level=args.log_level,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 
