@@ -72,7 +72,6 @@ class EngineConfig:
     invariant_numerics: bool = True  # pad rows so both lanes compute bit-identical logits
     fast: LaneConfig = field(default_factory=lambda: LaneConfig(4, 256, True))
     standard: LaneConfig = field(default_factory=lambda: LaneConfig(32, 256, False))
-    seed: int = 0
     # Where the float path runs and in what precision: "cpu" or "cuda" ("cuda:N"), and
     # "float32", "bfloat16" or "float16". The native kernels (quantized GGUF weights) are CPU
     # and float32 only; a model on them stays there.
