@@ -26,8 +26,23 @@ def _settings(args: argparse.Namespace):
     return load_settings(args.config) if args.config else Settings()
 
 
-def _database(args: argparse.Namespace, server: dict) -> str:
-    return args.db or server.get("database") or default_database()
+def _database(args: argparse.Namespace, settings) -> str:
+    """--db, else [server] database (a relative path is in the config file's folder, so that
+    `serve` and `accounts` started anywhere read the same file), else the default."""
+    if args.db:
+        return os.path.expanduser(args.db)
+    raw = settings.server.get("database")
+    if not raw:
+        return default_database()
+    path = os.path.expanduser(raw)
+    if raw == ":memory:" or os.path.isabs(path) or settings.folder is None:
+        return path
+    resolved = os.path.join(settings.folder, path)
+    if not os.path.exists(resolved) and os.path.exists(path):
+        print(f"fastmode: warning: [server] database {raw!r} is {resolved}, in the config file's folder, which "
+              f"does not exist; {os.path.abspath(path)}, in the current folder, does: move it, or give an "
+              f"absolute path", file=sys.stderr)
+    return resolved
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -48,7 +63,7 @@ def _serve(args: argparse.Namespace) -> int:
     server, cfg = settings.server, settings.engine
     # command-line flags win over the file, the file over the defaults
     host = args.host or server.get("host", "127.0.0.1")
-    port = args.port or int(server.get("port", 8000))
+    port = args.port if args.port is not None else int(server.get("port", 8000))
     if settings.models and args.model:
         raise ValueError("--model cannot be combined with a [[models]] catalog; set `weights` in the catalog")
     overrides = {"num_threads": args.threads, "kv_cache_tokens": args.kv_cache_tokens, "device": args.device,
@@ -78,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"fastmode: {w}: {how}, {loaded[w].weight_bytes / 1e6:.0f} MB read per decode step; fast lane "
               f"drafts from {listed}",
               file=sys.stderr, flush=True)
-    db_path = _database(args, server)
+    db_path = _database(args, settings)
     platform = Platform(Database(db_path), open_mode=bool(server.get("open_mode", True)), limits=settings.limits)
     state = build_state(loaded, cfg, catalog=Catalog(settings.models) if settings.models else None, platform=platform)
     mode = "open mode: any key acts for the default organization" if platform.accounts.open_mode else "API keys required"
@@ -95,14 +110,22 @@ def _check_port_free(host: str, port: int) -> None:
     import errno
     import socket
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as the server binds
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            hint = " (another process listens there: choose another with --port)" if e.errno == errno.EADDRINUSE else ""
-            raise OSError(f"cannot serve on {host}:{port}: {e.strerror or e}{hint}") from e
+    try:  # every address the server will bind, as asyncio's create_server does
+        infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot serve on {host}:{port}: {e.strerror}") from e
+    for family, kind, proto, _, address in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    continue  # an address this machine cannot bind: the server leaves it out too, or says so
+                raise OSError(f"cannot serve on {host}:{port}: {e.strerror} (another process listens there: "
+                              f"choose another with --port)") from e
 
 
 def _on_off(value: str) -> bool:
@@ -118,8 +141,11 @@ def _accounts(args: argparse.Namespace) -> int:
     from fastmode.platform.db import Database
 
     settings = _settings(args)
-    path = _database(args, settings.server)
+    path = _database(args, settings)
     if not os.path.isfile(path) and not (args.what == "org" and args.action == "create"):
+        if args.action == "list":  # nothing to list, and nothing to make a database for
+            print(f"fastmode: no database at {path} yet", file=sys.stderr)
+            return 0
         raise ValueError(f"no database at {path}: create an organization first (`fastmode accounts org create "
                          f"NAME`), or name the server's database with --db or --config")
     accounts = Accounts(Database(path), open_mode=False)
@@ -143,7 +169,7 @@ def _accounts(args: argparse.Namespace) -> int:
             if not value or not name:
                 raise ValueError(f"--limit {item!r}: use LANE.KEY=N, e.g. fast.output_tokens_per_minute=20000 "
                                  f"(N = none removes the override)")
-            if value != "none" and not value.isdigit():
+            if value != "none" and not (value.isascii() and value.isdigit()):
                 raise ValueError(f"--limit {item!r}: N must be a whole number of tokens or requests per minute, "
                                  f"or none")
             limits.setdefault(lane, {})[name] = None if value == "none" else int(value)

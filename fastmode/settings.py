@@ -11,7 +11,7 @@ from fastmode.config import EngineConfig, LaneConfig
 from fastmode.platform.accounts import AccountError, check_limits
 from fastmode.platform.catalog import CatalogError, ModelEntry, entry_from_table
 
-SERVER_TYPES = {"host": str, "port": int, "model": str, "database": str, "open_mode": bool, "native_kernels": bool}
+SERVER_TYPES = {"host": str, "port": (int, str), "model": str, "database": str, "open_mode": bool, "native_kernels": bool}
 SERVER_KEYS = set(SERVER_TYPES)
 
 
@@ -25,6 +25,7 @@ class Settings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     models: list[ModelEntry] = field(default_factory=list)  # empty: one entry for [server] model
     limits: dict[str, dict[str, int]] = field(default_factory=dict)  # lane -> per-minute limits
+    folder: str | None = None  # the file's folder (absolute): what a relative [server] database is in
 
 
 def _fields(cls: type) -> set[str]:
@@ -89,15 +90,17 @@ def load_settings(path: str | Path) -> Settings:
     for key, kind in SERVER_TYPES.items():
         value = server.get(key)
         if value is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
-            what = {bool: "true or false", int: "a whole number", str: "a string"}[kind]
+            what = {bool: "true or false", (int, str): "a whole number", str: "a string"}[kind]
             raise SettingsError(f"{path}: [server] {key} must be {what}, not {value!r}")
-    if "port" in server and not 0 < server["port"] < 65536:
-        raise SettingsError(f"{path}: [server] port must be between 1 and 65535, not {server['port']}")
+    if "port" in server:  # a number, or a string of digits
+        port = server["port"]
+        if isinstance(port, str) and not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
+            raise SettingsError(f"{path}: [server] port must be a whole number from 0 (any free port) to 65535, "
+                                f"not {port!r}")
+        server = {**server, "port": int(port)}
     if "model" in server and data.get("models"):
         raise SettingsError(f"{path}: [server] model cannot be combined with a [[models]] catalog; "
                             f"set `weights` in the catalog's entries")
-    if "database" in server:  # relative to the file, wherever the command runs from
-        server = {**server, "database": str(Path(path).resolve().parent / Path(server["database"]).expanduser())}
     engine = dict(data.get("engine", {}))
     base = EngineConfig()
     lanes = {name: _lane(engine.pop(name), f"{path}: [engine.{name}]", getattr(base, name))
@@ -109,7 +112,7 @@ def load_settings(path: str | Path) -> Settings:
     try:
         cfg = EngineConfig(**engine, **lanes)
     except (TypeError, ValueError) as e:
-        raise SettingsError(f"{path}: {e}") from e
+        raise SettingsError(f"{path}: [engine] {e}") from e
     models = data.get("models", [])
     if not isinstance(models, list):
         raise SettingsError(f"{path}: models must be an array of tables, [[models]]")
@@ -117,4 +120,4 @@ def load_settings(path: str | Path) -> Settings:
         entries = [entry_from_table(m, f"{path}: [[models]] #{i + 1}") for i, m in enumerate(models)]
     except CatalogError as e:
         raise SettingsError(str(e)) from e
-    return Settings(server, cfg, entries, _limits(data.get("limits", {}), path))
+    return Settings(server, cfg, entries, _limits(data.get("limits", {}), path), str(Path(path).absolute().parent))

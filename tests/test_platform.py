@@ -497,12 +497,14 @@ def long_batch(n: int) -> list[dict]:
 
 
 def test_turning_on_zero_data_retention_stops_a_pending_batch(tiny):
-    """Items that had not started when the organization turned ZDR on end errored, with no
-    output stored and their prompt dropped; those already running finish."""
+    """Items not done when the organization turned ZDR on end errored at once, with their
+    prompts dropped and no output stored (one running then stores nothing)."""
     with catalog_server(tiny) as (url, platform):
         c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
         batch = c.messages.batches.create(requests=long_batch(40))
         platform.accounts.update_org("default", zero_data_retention=True)
+        pending = "SELECT COUNT(*) AS n FROM batch_items WHERE batch_id = ? AND state = 'processing'"
+        assert platform.db.query(pending, (batch.id,))[0]["n"] == 0  # at once, not as the runner reaches them
         ended = wait_ended(c, batch.id)
         assert ended.request_counts.errored > 0 and ended.request_counts.errored + ended.request_counts.succeeded == 40
         rows = platform.db.query("SELECT state, params, result FROM batch_items WHERE batch_id = ?", (batch.id,))

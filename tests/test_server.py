@@ -82,6 +82,15 @@ def test_a_tool_result_answers_an_assistant_turn_split_in_two_messages(client):
     assert msg.usage.output_tokens == 2
 
 
+def test_count_tokens_counts_prompts_longer_than_the_context_window(client):
+    """Only a request that runs is held to the window; a count is refused (before tokenizing)
+    only far beyond it."""
+    n = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "x" * 5000}])
+    assert n.input_tokens > 5000
+    with pytest.raises(anthropic.BadRequestError, match="too long to count"):
+        client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "x" * 10 ** 6}])
+
+
 CALLED = [{"role": "user", "content": "x"},  # a conversation whose last turn called tool a as t1
           {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "a", "input": {}}]}]
 

@@ -97,7 +97,7 @@ def test_server_and_catalog_settings_must_be_of_their_kind(tmp_path):
     for text, name in (('[server]\nnative_kernels = "false"\n', "native_kernels must be true or false"),
                        ('[server]\nport = "abc"\n', "port must be a whole number"),
                        ("[server]\nport = 8121.5\n", "port must be a whole number"),
-                       ("[server]\nport = 70000\n", "port must be between 1 and 65535"),
+                       ("[server]\nport = 70000\n", "port must be a whole number from 0"),
                        ("[server]\nhost = 5\n", "host must be a string"),
                        ("[server]\ndatabase = 5\n", "database must be a string"),
                        ('[server]\nmodel = "tiny-random"\n' + model, "cannot be combined with a \\[\\[models\\]\\]"),
@@ -115,15 +115,31 @@ def test_server_and_catalog_settings_must_be_of_their_kind(tmp_path):
             load_settings(cfg)
 
 
-def test_a_relative_database_path_is_the_config_files(tmp_path, monkeypatch):
-    """`serve` and `accounts` started from different folders read the same database."""
+def test_a_quoted_port_still_reads(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[server]\nport = "8001"\n')
+    assert load_settings(cfg).server["port"] == 8001
+
+
+def test_a_relative_database_path_is_the_config_files(tmp_path, monkeypatch, capsys):
+    """`serve` and `accounts` started from different folders read the same database; a file
+    where the current folder would have put it is pointed out."""
+    from argparse import Namespace
+
+    from fastmode.cli import _database
+
     (tmp_path / "etc").mkdir()
     cfg = tmp_path / "etc" / "fastmode.toml"
-    cfg.write_text('[server]\ndatabase = "data/fm.db"\n')
     monkeypatch.chdir(tmp_path)
-    assert load_settings(cfg).server["database"] == str(tmp_path / "etc" / "data" / "fm.db")
-    cfg.write_text('[server]\ndatabase = "/srv/fm.db"\n')
-    assert load_settings(cfg).server["database"] == "/srv/fm.db"
+    for written, read in (("data/fm.db", str(tmp_path / "etc" / "data" / "fm.db")), ("/srv/fm.db", "/srv/fm.db"),
+                          (":memory:", ":memory:")):
+        cfg.write_text(f'[server]\ndatabase = "{written}"\n')
+        assert _database(Namespace(db=None), load_settings(cfg)) == read
+    assert _database(Namespace(db="~/x.db"), load_settings(cfg)).startswith("/")
+    cfg.write_text('[server]\ndatabase = "old.db"\n')
+    (tmp_path / "old.db").write_text("")
+    assert _database(Namespace(db=None), load_settings(cfg)) == str(tmp_path / "etc" / "old.db")
+    assert "in the current folder, does" in capsys.readouterr().err
 
 
 def test_operator_mistakes_are_said_before_anything_runs(tmp_path, capsys):
@@ -143,6 +159,7 @@ def test_operator_mistakes_are_said_before_anything_runs(tmp_path, capsys):
     db = tmp_path / "typo.db"
     assert main(["accounts", "--db", str(db), "key", "create", "acme"]) == 2
     assert "no database at" in capsys.readouterr().err and not db.exists()
+    assert main(["accounts", "--db", str(db), "org", "list"]) == 0 and not db.exists()  # nothing to list
     assert main(["accounts", "--db", str(db), "org", "create", "acme"]) == 0 and db.exists()
     capsys.readouterr()
     assert main(["accounts", "--db", str(db), "org", "set", "acme", "--limit", "fast.output_tokens_per_minute=1e5"]) == 2

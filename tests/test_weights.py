@@ -110,3 +110,24 @@ def test_incremental_decoder_holds_split_characters_and_flushes_at_the_end():
     d2 = IncrementalDecoder(tok)
     assert d2.push(ids[:1]) == "a" and d2.push(ids[1:2]) == ""
     assert d2.flush() == "\ufffd"  # output cut inside a character: not silently dropped
+
+
+def test_min_tokens_is_a_lower_bound_also_where_the_normalizer_shortens_the_text():
+    """The length check done before tokenizing must never refuse a prompt that fits: with an
+    NFC normalizer, three code points can become one token of one character."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    from fastmode.tokenizer.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.WordLevel({"\u01df": 0, "x": 1, "?": 2}, unk_token="?"))
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = Tokenizer(hf, [], None, None)
+    text = "a\u0308\u0304" * 1000 + "x" * 10
+    assert tok.max_token_chars == 1 and len(tok.encode(text)) == 1010
+    assert tok.min_tokens(text) == 1010  # len(text) / 1 would say 3010
+    smol = load_model("smollm2-135m-instruct").tokenizer
+    for sample in ("plain words and more words", "#" * 500 + "\n" + " " * 300, "Ünïcode ✓ " * 40):
+        assert smol.min_tokens(sample) <= len(smol.encode(sample))

@@ -17,6 +17,10 @@ ORG_FLAGS = ("fast_mode", "zero_data_retention", "priority_tier")
 LIMIT_KEYS = tuple(f.name for f in fields(LaneLimits))
 
 
+ZDR_BATCH_MESSAGE = ("zero data retention was turned on for your organization after this batch was created; "
+                     "its items not done by then are not run (their results would be stored)")
+
+
 class AccountError(ValueError):
     """An unknown organization or key, or a bad setting; the message says which."""
 
@@ -137,6 +141,14 @@ class Accounts:
         with self.db.transaction() as conn:  # validated above: all or nothing
             for flag, value in flags.items():
                 conn.execute(f"UPDATE organizations SET {flag} = ? WHERE id = ?", (int(bool(value)), org.id))
+            if flags.get("zero_data_retention") and not org.zero_data_retention:
+                # its batch items not done yet end here, prompts dropped (an item running now
+                # finds its row no longer pending and stores nothing)
+                conn.execute("UPDATE batch_items SET state = 'errored', params = '', result = ? WHERE state = "
+                             "'processing' AND batch_id IN (SELECT id FROM batches WHERE org_id = ?)",
+                             (json.dumps({"type": "errored", "error": {
+                                 "type": "error", "request_id": None, "error": {
+                                     "type": "permission_error", "message": ZDR_BATCH_MESSAGE}}}), org.id))
             if limits is not None:
                 conn.execute("UPDATE organizations SET limits = ? WHERE id = ?",
                              (json.dumps({k: v for k, v in merged.items() if v}), org.id))

@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fastmode.platform.accounts import Principal
+from fastmode.platform.accounts import ZDR_BATCH_MESSAGE, Principal
 from fastmode.platform.db import Database
 from fastmode.server import errors
 from fastmode.server.errors import APIError, InvalidRequest, error_body, new_id
@@ -276,9 +276,7 @@ class BatchRunner:
         try:
             org = state.platform.accounts.org(row["org_id"])
             if org.zero_data_retention:  # turned on since the batch was made: store no output, drop the prompt
-                raise errors.PermissionDenied("zero data retention was turned on for your organization after this "
-                                              "batch was created; its pending items are not run (their results "
-                                              "would be stored)")
+                raise errors.PermissionDenied(ZDR_BATCH_MESSAGE)
             prep = await prepare(state, json.loads(row["params"]), row["api_version"],
                                  set(filter(None, row["betas"].split(","))), org, batch=True)
             ticket = state.platform.admit(org, row["api_key_id"], prep.entry, request_id=request_id, speed=prep.speed,

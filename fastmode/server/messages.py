@@ -31,6 +31,7 @@ from fastmode.server.state import Backend, ServerState
 from fastmode.server.validate import MessagesRequest, cacheable_blocks, parse_messages_request
 
 DISCONNECT_POLL_S = 0.5
+COUNT_LIMIT = 16  # count_tokens counts prompts of up to this many context windows
 PRIORITY = {"priority": -1, "standard": 0, "batch": 1}  # engine admission order within a lane
 
 
@@ -78,10 +79,11 @@ def resolve_model(state: ServerState, name: str) -> ModelEntry:
 
 
 def _prompt(req: MessagesRequest, backend: Backend, namespace: str, min_cacheable: int,
-            window: int, model: str) -> tuple[list[int], CacheSpec | None]:
+            window: int, model: str, for_count: bool = False) -> tuple[list[int], CacheSpec | None]:
     """Render and tokenize, and place the cache breakpoints (CPU work: callers run it off the
     event loop). A text too long for the context window whatever its tokens is refused before
-    tokenizing: a body of megabytes would otherwise hold the interpreter for seconds."""
+    tokenizing (a body of megabytes would otherwise hold the interpreter for seconds); a count
+    counts up to COUNT_LIMIT context windows."""
     tok = backend.loaded.tokenizer
     wants_cache = req.cache_control is not None or any(breakpoint_ttl(b) for _, b in cacheable_blocks(req))
     rendered = render_marked(req, backend.template) if wants_cache else None
@@ -91,8 +93,11 @@ def _prompt(req: MessagesRequest, backend: Backend, namespace: str, min_cacheabl
     except UnicodeEncodeError as e:
         raise InvalidRequest(f"the request contains text that is not valid Unicode ({e.reason}); "
                              f"send UTF-8 text without lone surrogate escapes") from e
-    least = -(-len(text) // tok.max_token_chars)
-    if least >= window:
+    least = tok.min_tokens(text)
+    if for_count and least >= COUNT_LIMIT * window:
+        raise InvalidRequest(f"prompt is too long to count: at least {least} tokens >= {COUNT_LIMIT * window}, "
+                             f"{COUNT_LIMIT} times the context window of {model}")
+    if not for_count and least >= window:
         raise InvalidRequest(f"prompt is too long: at least {least} tokens >= {window} maximum (the context "
                              f"window of {model})")
     ids, ends = tok.encode_with_ends(text)
@@ -122,7 +127,7 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     namespace = f"{org.id}\0{entry.id}"
     window = state.context_window(entry)
     ids, cache = await run_in_threadpool(_prompt, req, backend, namespace, entry.min_cacheable_tokens, window,
-                                         entry.id)
+                                         entry.id, for_count)
     if not for_count:
         if len(ids) >= window:
             raise InvalidRequest(f"prompt is too long: {len(ids)} tokens >= {window} maximum "

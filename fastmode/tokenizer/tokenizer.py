@@ -35,10 +35,18 @@ class Tokenizer:
 
     @cached_property
     def max_token_chars(self) -> int:
-        """The most characters one token can stand for (its vocabulary entry's length: a
-        byte-level entry has a character per byte, and a character takes a byte at least), so
-        a text of n characters is at least n / max_token_chars tokens."""
+        """The most characters one token can stand for: its vocabulary entry's length (a
+        byte-level entry has a character per byte, a character takes a byte at least, and a
+        byte-fallback entry such as <0x41> is longer than its one byte)."""
         return max((len(t) for t in self.hf.get_vocab(with_added_tokens=True)), default=1) or 1
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), without tokenizing: the text as the tokenizer's
+        normalizer leaves it (which may shorten it, e.g. NFC), in characters, over
+        max_token_chars."""
+        normalizer = self.hf.normalizer
+        n = len(normalizer.normalize_str(text)) if normalizer is not None else len(text)
+        return -(-n // self.max_token_chars)
 
     def token_text(self, token_id: int) -> str:
         return self.hf.id_to_token(token_id) or ""
