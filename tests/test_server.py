@@ -85,8 +85,8 @@ def test_a_tool_result_answers_an_assistant_turn_split_in_two_messages(client):
 def test_count_tokens_counts_prompts_longer_than_the_context_window(client):
     """Only a request that runs is held to the window; a count is refused (before tokenizing)
     only far beyond it."""
-    n = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "x" * 5000}])
-    assert n.input_tokens > 5000
+    n = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "x" * 30000}])
+    assert n.input_tokens > 30000  # at least 2308 tokens by length alone: over the window of 2048
     with pytest.raises(anthropic.BadRequestError, match="too long to count"):
         client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "x" * 10 ** 6}])
 
