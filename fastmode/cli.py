@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     db_path = _database(args, settings)
     platform = Platform(Database(db_path), open_mode=bool(server.get("open_mode", True)), limits=settings.limits)
     state = build_state(loaded, cfg, catalog=Catalog(settings.models) if settings.models else None, platform=platform)
-    mode = "open mode: any key acts for the default organization" if platform.accounts.open_mode else "API keys required"
+    mode = "open mode: an unknown key (or none) acts for the default organization" if platform.accounts.open_mode else "API keys required"
     print(f"fastmode: serving {', '.join(e.id for e in state.catalog.entries)} on http://{host}:{port} "
           f"(ANTHROPIC_BASE_URL=http://{host}:{port}); {mode}; database {db_path}", file=sys.stderr, flush=True)
     # on Ctrl-C, requests still running get SHUTDOWN_GRACE_S to finish, then are cut off
