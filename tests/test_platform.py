@@ -164,6 +164,8 @@ def test_aliases_and_the_wildcard(client):
     assert client.messages.create(model="claude-opus-4-8-latest", max_tokens=2, messages=HI).model == "claude-opus-4-8"
     assert client.messages.create(model="gpt-4o", max_tokens=2, messages=HI).model == "claude-sonnet-4-6"
     assert client.models.retrieve("claude-opus-4-8-latest").id == "claude-opus-4-8"
+    with pytest.raises(anthropic.NotFoundError):  # the catch-all serves requests; it names no model
+        client.models.retrieve("gpt-4o")
     ids = [m.id for m in client.models.list()]
     assert ids == ["claude-opus-5-5", "claude-fable-5-2", "claude-mythos-5-2", "claude-opus-5", "claude-opus-4-8",
                    "claude-opus-4-7", "claude-sonnet-4-6", "claude-opus-4-6"]  # newest first

@@ -173,6 +173,20 @@ def test_headers_and_routes(url):
                                                              "anthropic-version": "2026-10-21",
                                                              "anthropic-beta": "some-future-beta,fast-mode-2026-02-01"})
     assert r.status_code == 200
+    r = httpx.post(url + "/v1/messages/", json=body, headers=V)  # a trailing slash: an error, not a bare redirect
+    assert r.status_code == 404 and r.json()["type"] == "error" and r.headers["request-id"].startswith("req_")
+
+
+def test_count_tokens_takes_what_create_takes_but_max_tokens_stream_and_stop_sequences(url):
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    for extra, version, needle in (({"max_tokens": 5}, "2023-06-01", "max_tokens: Extra inputs"),
+                                   ({"stream": True}, "2023-06-01", "stream: Extra inputs"),
+                                   ({"temperature": 0.5}, "2026-10-21", "temperature")):
+        r = httpx.post(url + "/v1/messages/count_tokens", json={**base, **extra},
+                       headers={**V, "anthropic-version": version})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+    r = httpx.post(url + "/v1/messages/count_tokens", json={**base, "temperature": 0.5}, headers=V)
+    assert r.status_code == 200 and r.json()["input_tokens"] > 0
 
 
 def test_count_tokens_and_models(client):
@@ -268,8 +282,8 @@ def test_random_malformed_bodies_never_get_a_5xx(url):
     "lone surrogate \ud800 here",
 ])
 def test_malformed_blocks_and_text_are_400s(url, content):
-    body = json.dumps({"model": MODEL, "max_tokens": 3, "messages": [{"role": "user", "content": content}]})
-    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+    for path, extra in (("/v1/messages", {"max_tokens": 3}), ("/v1/messages/count_tokens", {})):
+        body = json.dumps({"model": MODEL, **extra, "messages": [{"role": "user", "content": content}]})
         r = httpx.post(url + path, content=body, headers={**V, "content-type": "application/json"})
         assert r.status_code == 400, (path, r.text)
 

@@ -182,10 +182,10 @@ class Catalog:
     def get(self, model_id: str) -> ModelEntry | None:
         return next((e for e in self.entries if e.id == model_id), None)
 
-    def resolve(self, name: str) -> ModelEntry | None:
-        """Exact ids and aliases first, then patterns in catalog order."""
-        if name in self._exact:
-            return self._exact[name]
+    def resolve(self, name: str, patterns: bool = True) -> ModelEntry | None:
+        """Exact ids and aliases first, then (with `patterns`) patterns in catalog order."""
+        if name in self._exact or not patterns:
+            return self._exact.get(name)
         for e in self.entries:
             if any("*" in a and fnmatch.fnmatchcase(name, a) for a in e.aliases):
                 return e

@@ -74,7 +74,7 @@ async def list_models(request: Request, state: ServerState) -> Response:
 
 
 async def get_model(request: Request, state: ServerState) -> Response:
-    return JSONResponse(_model_info(state, resolve_model(state, request.path_params["model_id"])))
+    return JSONResponse(_model_info(state, resolve_model(state, request.path_params["model_id"], patterns=False)))
 
 
 async def health(request: Request, state: ServerState) -> Response:
@@ -117,4 +117,6 @@ def create_app(state: ServerState) -> Starlette:
         *admin.routes(),
         Route("/health", endpoint(health, versioned=False, authenticated=False), methods=["GET"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _not_found})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _not_found})
+    app.router.redirect_slashes = False  # a path with a trailing slash is an error JSON 404, not a bare redirect
+    return app

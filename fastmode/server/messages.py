@@ -70,8 +70,10 @@ class Prepared:
                      output_tokens=output_tokens)
 
 
-def resolve_model(state: ServerState, name: str) -> ModelEntry:
-    entry = state.catalog.resolve(name)
+def resolve_model(state: ServerState, name: str, patterns: bool = True) -> ModelEntry:
+    """The catalog entry a model name names; without `patterns`, only ids and exact aliases
+    (what `/v1/models/{id}` answers for: a catch-all `*` serves requests, it names no model)."""
+    entry = state.catalog.resolve(name, patterns)
     if entry is None:
         served = ", ".join(e.id for e in state.catalog.entries)
         raise errors.NotFound(f"model: {name} (this server serves {served})")

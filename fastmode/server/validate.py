@@ -26,6 +26,7 @@ FIELDS = {"model", "max_tokens", "messages", "system", "stop_sequences", "stream
           "metadata", "tools", "tool_choice", "thinking", "output_config", "cache_control", "service_tier", "speed",
           "inference_geo", "container", "diagnostics", "billing_policy", "compaction", "context_management",
           "fallback_credit_token", "fallbacks", "mcp_servers", "thread"}
+COUNT_EXCLUDES = {"max_tokens", "stream", "stop_sequences"}  # fields of create that count_tokens does not take
 CACHE_TTLS = ("5m", "1h")
 
 
@@ -125,7 +126,7 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
     """Validate the JSON body of POST /v1/messages (or count_tokens when `for_count`)."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object")
-    unknown = sorted(set(body) - FIELDS)
+    unknown = sorted(set(body) - (FIELDS - COUNT_EXCLUDES if for_count else FIELDS))
     if unknown:
         raise InvalidRequest(f"{unknown[0]}: Extra inputs are not permitted")
     model = body.get("model")
@@ -187,7 +188,7 @@ def parse_messages_request(body: Any, version: str, *, for_count: bool = False) 
         if stream is not None and not isinstance(stream, bool):
             raise InvalidRequest("stream: Input should be a valid boolean")
         req.stream = bool(stream)
-        _sampling(body, version, req)
+    _sampling(body, version, req)  # count_tokens takes them too (and refuses them on 2026-10-21)
     tools = body.get("tools")
     if tools is not None:
         if not isinstance(tools, list):
