@@ -14,7 +14,7 @@ from fastmode.config import EngineConfig
 from fastmode.engine.engine import Engine
 from fastmode.engine.request import Lane, SamplingParams
 from fastmode.server.prompt import render_prompt
-from fastmode.server.validate import FIELDS, parse_messages_request
+from fastmode.server.validate import api_fields, parse_messages_request
 from fastmode.tokenizer.chat_template import ChatTemplate
 from fastmode.weights.registry import DEFAULT_MODEL, load_model
 
@@ -45,7 +45,7 @@ def main() -> None:
                ("fast, invariant", True, Lane.FAST)]
     results: dict[tuple[str, str], list[float]] = {}
     for item in load_workload(str(WORKLOADS / "dev.jsonl"), args.categories):
-        req = parse_messages_request({"model": "m", **{k: v for k, v in item.items() if k in FIELDS}}, "2023-06-01")
+        req = parse_messages_request({"model": "m", **api_fields(item)}, "2023-06-01")
         ids = lm.tokenizer.encode(render_prompt(req, template))
         outs = {}
         for rep in range(args.repeats):

@@ -306,11 +306,11 @@ def read_bandwidth_gbs(threads: int, device: str = "cpu") -> float:
 def prompt_ids(tokenizer: Any, model: str, items: list[dict[str, Any]]) -> list[list[int]]:
     """The token ids of workload items' prompts, as the server would render them for `model`."""
     from fastmode.server.prompt import render_prompt
-    from fastmode.server.validate import FIELDS, parse_messages_request
+    from fastmode.server.validate import api_fields, parse_messages_request
     from fastmode.tokenizer.chat_template import ChatTemplate
 
     template = ChatTemplate(tokenizer.chat_template)
-    bodies = [{"model": model, "max_tokens": 1, **{k: v for k, v in item.items() if k in FIELDS}} for item in items]
+    bodies = [{"model": model, "max_tokens": 1, **api_fields(item)} for item in items]
     return [tokenizer.encode(render_prompt(parse_messages_request(body, "2023-06-01"), template)) for body in bodies]
 
 

@@ -223,6 +223,14 @@ def again_table(samples: list[Sample]) -> dict[str, dict[str, float]]:
     return table
 
 
+def print_table(table: dict[str, dict[str, float]], columns: list[tuple[str, str, int, str]]) -> None:
+    """A header line, then a line per category: columns are (header, the row's key, width,
+    format); a value a row lacks prints as 0."""
+    print(f"{'category':<14}" + "".join(f"{header:>{width}}" for header, _, width, _ in columns))
+    for cat, row in table.items():
+        print(f"{cat:<14}" + "".join(f"{row.get(key, 0):>{width}{fmt}}" for _, key, width, fmt in columns))
+
+
 def loaded_table(samples: list[Sample]) -> dict[str, dict[str, float]]:
     """Per category: fast medians against the median of all background standard streams."""
     std = [s for s in samples if s.background]
@@ -288,38 +296,32 @@ async def _main(args: argparse.Namespace) -> int:
         table = again_table(samples)
         same, total = identical_outputs(samples)
         result = {"mode": "asked again", "model": model, "categories": table, "identical_outputs": [same, total]}
-        print(f"{'category':<14}{'std OTPS':>10}{'fast OTPS':>11}{'ratio':>7}{'again OTPS':>12}{'ratio':>7}")
-        for cat, row in table.items():
-            print(f"{cat:<14}{row['standard_otps']:>10.1f}{row['fast_otps']:>11.1f}{row.get('otps_ratio', 0):>7.2f}"
-                  f"{row['again_otps']:>12.1f}{row.get('again_ratio', 0):>7.2f}")
+        print_table(table, [("std OTPS", "standard_otps", 10, ".1f"), ("fast OTPS", "fast_otps", 11, ".1f"),
+                            ("ratio", "otps_ratio", 7, ".2f"), ("again OTPS", "again_otps", 12, ".1f"),
+                            ("ratio", "again_ratio", 7, ".2f")])
         print(f"identical greedy outputs (standard, fast, fast again): {same}/{total} prompts")
     elif args.concurrency > 0:
         table = loaded_table(samples)
         std = [s.otps for s in samples if s.background]
         fast = [s.otps for s in samples if not s.background]
         std_median = next(iter(table.values()))["standard_otps"] if std and table else None
-        result = {"mode": "loaded", "concurrency": args.concurrency,
-                                  "standard_stream_median_otps": std_median,
-                                  "fast_median_otps": statistics.median(fast) if fast else None,
-                                  "categories": table}
+        result = {"mode": "loaded", "concurrency": args.concurrency, "standard_stream_median_otps": std_median,
+                  "fast_median_otps": statistics.median(fast) if fast else None, "categories": table}
         if std_median and fast:
             result["ratio"] = result["fast_median_otps"] / std_median
         print(f"{args.concurrency} standard streams: median OTPS {result['standard_stream_median_otps'] or 0:.2f} "
               f"over {len(std)} completed streams")
-        print(f"{'category':<14}{'fast OTPS':>11}{'x standard':>12}{'fast TTFT':>11}")
-        for cat, row in table.items():
-            print(f"{cat:<14}{row['fast_otps']:>11.1f}{row['otps_ratio']:>12.2f}{row['fast_ttft']:>11.3f}")
+        print_table(table, [("fast OTPS", "fast_otps", 11, ".1f"), ("x standard", "otps_ratio", 12, ".2f"),
+                            ("fast TTFT", "fast_ttft", 11, ".3f")])
         if "ratio" in result:
             print(f"all fast requests: median OTPS {result['fast_median_otps']:.2f}, {result['ratio']:.2f}x the standard streams")
     else:
         table = summarize(samples)
         same, total = identical_outputs(samples)
         result = {"mode": "idle", "model": model, "categories": table, "identical_outputs": [same, total]}
-        print(f"{'category':<14}{'std OTPS':>10}{'fast OTPS':>11}{'ratio':>7}{'std TTFT':>10}{'fast TTFT':>11}{'ratio':>7}")
-        for cat, row in table.items():
-            print(f"{cat:<14}{row.get('standard_otps', 0):>10.1f}{row.get('fast_otps', 0):>11.1f}"
-                  f"{row.get('otps_ratio', 0):>7.2f}{row.get('standard_ttft', 0):>10.3f}"
-                  f"{row.get('fast_ttft', 0):>11.3f}{row.get('ttft_ratio', 0):>7.2f}")
+        print_table(table, [("std OTPS", "standard_otps", 10, ".1f"), ("fast OTPS", "fast_otps", 11, ".1f"),
+                            ("ratio", "otps_ratio", 7, ".2f"), ("std TTFT", "standard_ttft", 10, ".3f"),
+                            ("fast TTFT", "fast_ttft", 11, ".3f"), ("ratio", "ttft_ratio", 7, ".2f")])
         print(f"identical greedy outputs between speeds: {same}/{total} prompts")
     result["samples"] = [asdict(s) for s in samples]
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -122,6 +122,11 @@ def _content(value: Any, where: str) -> list[dict[str, Any]]:
     return value
 
 
+def api_fields(item: dict[str, Any]) -> dict[str, Any]:
+    """The Messages API fields of a dict that holds others too (a workload item's category)."""
+    return {k: v for k, v in item.items() if k in FIELDS}
+
+
 def parse_messages_request(body: Any, version: str, *, for_count: bool = False) -> MessagesRequest:
     """Validate the JSON body of POST /v1/messages (or count_tokens when `for_count`)."""
     if not isinstance(body, dict):
