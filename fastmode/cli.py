@@ -53,7 +53,7 @@ def _serve(args: argparse.Namespace) -> int:
     from fastmode.platform.catalog import Catalog
     from fastmode.platform.db import Database
     from fastmode.platform.service import Platform
-    from fastmode.server.app import build_state, create_app
+    from fastmode.server.app import Server, build_state, create_app
     from fastmode.weights.registry import load_model
 
     if os.environ.get("FASTMODE_API_KEYS"):
@@ -99,9 +99,9 @@ def _serve(args: argparse.Namespace) -> int:
     mode = "open mode: an unknown key (or none) acts for the default organization" if platform.accounts.open_mode else "API keys required"
     print(f"fastmode: serving {', '.join(e.id for e in state.catalog.entries)} on http://{host}:{port} "
           f"(ANTHROPIC_BASE_URL=http://{host}:{port}); {mode}; database {db_path}", file=sys.stderr, flush=True)
-    # on Ctrl-C, requests still running get SHUTDOWN_GRACE_S to finish, then are cut off
-    uvicorn.run(create_app(state), host=host, port=port, log_level=args.log_level,
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    # on Ctrl-C, requests still running get SHUTDOWN_GRACE_S to finish, then end with an overloaded error
+    Server(state, uvicorn.Config(create_app(state), host=host, port=port, log_level=args.log_level),
+           SHUTDOWN_GRACE_S).run()
     return 0
 
 

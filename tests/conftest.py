@@ -50,10 +50,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_asgi(app, what: str = "test server") -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on a free loopback port; yield the base URL."""
+def serve_asgi(app, what: str = "test server", server_class=uvicorn.Server) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free loopback port; yield the base URL.
+    `server_class(config)`: the server to run it (uvicorn's)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = server_class(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

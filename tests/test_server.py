@@ -6,9 +6,9 @@ import anthropic
 import httpx
 import pytest
 
-from conftest import running_server, small_engine_config
+from conftest import running_server, serve_asgi, small_engine_config
 from fastmode.platform.service import Platform
-from fastmode.server.app import build_state
+from fastmode.server.app import Server, build_state, create_app
 
 MODEL = "tiny-random"
 V = {"anthropic-version": "2023-06-01", "x-api-key": "k"}
@@ -226,6 +226,57 @@ def test_client_disconnect_frees_kv_blocks(tiny_server):
     while state.backends[MODEL].engine.blocks.num_free != total and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state.backends[MODEL].engine.blocks.num_free == total
+
+
+def test_stopping_server_ends_running_requests_with_an_overloaded_error_after_its_grace(tiny):
+    """Ctrl-C: requests still generating when the grace ends get an overloaded error (a stream
+    as its last event, a request not streamed as a 529) and their usage rows, not a cut
+    connection."""
+    import threading
+
+    state = build_state(tiny, small_engine_config())
+    engine = state.backends[MODEL].engine
+    step = engine.step
+
+    def slow_step():  # a long generation: far longer than the grace
+        time.sleep(0.01)
+        step()
+    engine.step = slow_step
+    servers = []
+
+    def make(config):
+        servers.append(Server(state, config, grace=0.5))
+        return servers[0]
+    long = {"model": MODEL, "max_tokens": 1900, "messages": [{"role": "user", "content": "go"}]}
+    with serve_asgi(create_app(state), server_class=make) as url:
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        plain: list[Exception] = []
+
+        def not_streamed():
+            try:
+                c.messages.create(**long)
+            except Exception as e:
+                plain.append(e)
+        other = threading.Thread(target=not_streamed)
+        with c.messages.stream(**long) as stream:
+            events = iter(stream)
+            while next(events).type != "text":
+                pass
+            other.start()
+            deadline = time.monotonic() + 10
+            while len(state.live) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(state.live) == 2
+            servers[0].should_exit = True
+            with pytest.raises(anthropic.APIStatusError) as e:
+                for _ in events:
+                    pass
+        other.join(timeout=20)
+        assert e.value.body["error"]["type"] == "overloaded_error"
+        assert len(plain) == 1 and getattr(plain[0], "status_code", None) == 529
+        assert not state.live
+    rows = state.platform.db.query("SELECT outcome, output_tokens FROM usage")
+    assert len(rows) == 2 and all(r["outcome"] == "error" and 0 < r["output_tokens"] < 1900 for r in rows)
 
 
 def test_api_keys_and_overload(tiny):

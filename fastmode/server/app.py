@@ -1,9 +1,12 @@
 """The HTTP edge: routes, the models endpoints, health, and the app's lifespan."""
 from __future__ import annotations
 
+import asyncio
+import socket
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,6 +22,27 @@ from fastmode.server.state import ServerState, build_state  # noqa: F401  (build
 
 
 LIFECYCLES = ("active", "deprecated", "retired")  # the values of /v1/models' lifecycle[] filter
+BACKSTOP_S = 5  # after the cut-off, how long uvicorn waits before it cancels what is left
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with a cut-off: once asked to stop (Ctrl-C), it takes no new requests
+    and gives those running `grace` seconds; then each still generating ends with an
+    overloaded error (a stream's last event is an `error` event, a request not streamed
+    answers 529), so its client learns why and may retry, and its usage is recorded. Whatever
+    is still open `BACKSTOP_S` later is cancelled by uvicorn."""
+
+    def __init__(self, state: ServerState, config: uvicorn.Config, grace: float) -> None:
+        config.timeout_graceful_shutdown = int(grace) + BACKSTOP_S
+        super().__init__(config)
+        self.state, self.grace = state, grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        cut_off = asyncio.get_running_loop().call_later(self.grace, self.state.end_live_requests)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            cut_off.cancel()
 
 
 def _supported(flag: bool) -> dict[str, bool]:

@@ -240,11 +240,13 @@ async def create_message(request: Request, state: ServerState) -> Response:
         return JSONResponse(message_json(msg_id, prep.entry.id, [], "max_tokens", None, prep.usage(0)),
                             headers=ticket.headers)
     gen = start_generation(prep, ticket)
+    state.live.add(gen)
     if prep.req.stream and prep.req.max_tokens > 0:
-        return GenerationStream(gen, ticket, prep, _stream(gen, msg_id, prep))
+        return GenerationStream(gen, ticket, prep, _stream(gen, msg_id, prep), state.live)
     try:
         await _run_to_end(gen, request)
     finally:
+        state.live.discard(gen)
         finish(gen, ticket, prep)
     if prep.req.stream:  # a pre-warm: the cache is written, nothing was generated
         return StreamingResponse(_empty_stream(msg_id, prep, gen.outcome.cache), media_type="text/event-stream",
@@ -256,14 +258,17 @@ class GenerationStream(StreamingResponse):
     """An SSE response that aborts its generation and records its usage however the response
     ends, even when the client leaves before the body iterator has started."""
 
-    def __init__(self, gen: Generation, ticket: Ticket, prep: Prepared, body: AsyncIterator[bytes]) -> None:
+    def __init__(self, gen: Generation, ticket: Ticket, prep: Prepared, body: AsyncIterator[bytes],
+                 live: set[Generation]) -> None:
+        """`live`: the server's generations running now, which this one leaves as it ends."""
         super().__init__(body, media_type="text/event-stream", headers={"cache-control": "no-cache", **ticket.headers})
-        self.gen, self.ticket, self.prep = gen, ticket, prep
+        self.gen, self.ticket, self.prep, self.live = gen, ticket, prep, live
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.live.discard(self.gen)
             self.gen.abort()
             finish(self.gen, self.ticket, self.prep)
 

@@ -8,6 +8,7 @@ from fastmode.config import EngineConfig
 from fastmode.engine.engine import Engine
 from fastmode.platform.catalog import Catalog, CatalogError, ModelEntry
 from fastmode.platform.service import Platform
+from fastmode.server.generation import Generation
 from fastmode.tokenizer.chat_template import ChatTemplate
 from fastmode.weights.registry import LoadedModel
 
@@ -28,6 +29,7 @@ class ServerState:
     platform: Platform
     created_at: str
     batches: object | None = field(default=None)  # the BatchRunner, once the app starts
+    live: set[Generation] = field(default_factory=set)  # the HTTP requests generating now (not batch items)
 
     def backend(self, entry: ModelEntry) -> Backend:
         return self.backends[entry.weights]
@@ -38,6 +40,13 @@ class ServerState:
     @property
     def engines(self) -> list[Engine]:
         return [b.engine for b in self.backends.values()]
+
+    def end_live_requests(self) -> None:
+        """End every HTTP request still generating as the engine's shutdown would: a stream's
+        last event is an overloaded error, a request not streamed answers 529 (the server is
+        stopping; its cut-off, see app.Server)."""
+        for gen in list(self.live):
+            gen.abort()
 
 
 def default_entry(loaded: LoadedModel) -> ModelEntry:
