@@ -54,7 +54,7 @@ class EngineConfig:
     kv_cache_tokens: int = 65536
     block_size: int = 16
     prefill_chunk: int = 256  # prefill chunks end at multiples of this (absolute positions)
-    max_waiting: int = 256  # queued requests beyond this are refused with 529 overloaded
+    max_waiting: int = 256  # a lane's queued requests beyond this are refused with 529 overloaded
     max_draft: int = 7  # most draft tokens verified in one step
     # Speculating lanes also draft with the model's trained draft head, if it has one. Off: on the
     # development CPU the packaged head's drafts did not pay for their cost (see the README).

@@ -209,7 +209,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(make_eng
         engine.shutdown()
 
 
-def test_queue_limit_counts_requests_not_yet_seen_by_the_engine(make_engine):
+def test_each_lanes_queue_limit_counts_requests_not_yet_seen_by_the_engine(make_engine):
     import pytest
 
     from fastmode.engine.engine import EngineOverloaded
@@ -219,6 +219,16 @@ def test_queue_limit_counts_requests_not_yet_seen_by_the_engine(make_engine):
         engine.add(f"q{i}", [1, 2, 3], SamplingParams(max_tokens=2), Lane.STANDARD, lambda d: None)
     with pytest.raises(EngineOverloaded):
         engine.add("q2", [1, 2, 3], SamplingParams(max_tokens=2), Lane.STANDARD, lambda d: None)
+    # each lane's queue is bounded alone: a full standard queue leaves the fast lane open
+    for i in range(2):
+        engine.add(f"f{i}", [1, 2, 3], SamplingParams(max_tokens=2), Lane.FAST, lambda d: None)
+    with pytest.raises(EngineOverloaded):
+        engine.add("f2", [1, 2, 3], SamplingParams(max_tokens=2), Lane.FAST, lambda d: None)
+    engine._drain_inbox()  # taken in, the requests wait in their lanes' queues, still counted there
+    with pytest.raises(EngineOverloaded):
+        engine.add("q3", [1, 2, 3], SamplingParams(max_tokens=2), Lane.STANDARD, lambda d: None)
+    with pytest.raises(EngineOverloaded):
+        engine.add("f3", [1, 2, 3], SamplingParams(max_tokens=2), Lane.FAST, lambda d: None)
 
 
 def test_drafts_are_priced_by_the_line_fitted_to_decode_passes(make_engine):

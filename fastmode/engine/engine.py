@@ -88,7 +88,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._inbox_adds = 0  # requests added but not yet taken from the inbox
+        self._inbox_adds = {lane: 0 for lane in Lane}  # per lane: requests added but not yet taken from the inbox
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "head_drafted": 0, "head_accepted": 0,
                       "corpus_drafted": 0, "corpus_accepted": 0, "pool_drafted": 0, "pool_accepted": 0}
         self.tokens_per_pass: dict[str, float] = {}  # fast requests: running average of tokens a pass
@@ -111,11 +111,11 @@ class Engine:
             raise RequestTooLarge(f"prompt + max_tokens = {req.token_budget} tokens exceed the KV cache of "
                                   f"{capacity} tokens; lower max_tokens or start the server with a larger "
                                   f"--kv-cache-tokens")
-        with self._lock:
-            queued = self.scheduler.num_waiting + self._inbox_adds
+        with self._lock:  # each lane's queue is bounded alone: a standard backlog does not refuse fast requests
+            queued = len(self.scheduler.waiting[lane]) + self._inbox_adds[lane]
             if queued >= self.config.max_waiting:
-                raise EngineOverloaded(f"{queued} requests are already queued")
-            self._inbox_adds += 1
+                raise EngineOverloaded(f"{queued} {lane.value} requests are already queued")
+            self._inbox_adds[lane] += 1
         self._inbox.put(("add", req))
         self._wake.set()
 
@@ -189,7 +189,7 @@ class Engine:
                 return
             if kind == "add":
                 with self._lock:
-                    self._inbox_adds -= 1
+                    self._inbox_adds[item.lane] -= 1  # type: ignore[union-attr]
                 self._admit_new(item)  # type: ignore[arg-type]
             elif (req := self.requests.get(item)) is not None:  # type: ignore[arg-type]
                 self._finish(req, Status.FINISHED_ABORTED, [])

@@ -43,10 +43,6 @@ class Scheduler:
         at = next(i for i, r in enumerate(queue) if r.priority > request.priority)
         queue.insert(at, request)
 
-    @property
-    def num_waiting(self) -> int:
-        return sum(len(q) for q in self.waiting.values())
-
     def has_work(self) -> bool:
         return any(self.waiting[l] or self.running[l] for l in Lane)
 
