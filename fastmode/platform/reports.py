@@ -251,7 +251,8 @@ def format_cents(amount: Decimal) -> str:
 
 
 def cost_report(db: Database, org_id: str, params: list[tuple[str, str]], now: float) -> dict[str, Any]:
-    """GET /v1/organizations/cost_report: USD cents per day, optionally one row per token-type description."""
+    """GET /v1/organizations/cost_report: USD cents per day, optionally one row per token-type description.
+    Priority Tier usage is not in it (as on the API: it is billed under its commitment)."""
     p = _Params(params)
     w = _window(p, now, COST_WIDTHS)
     by_description = "description" in p.many("group_by", COST_GROUP_BY)
@@ -261,8 +262,8 @@ def cost_report(db: Database, org_id: str, params: list[tuple[str, str]], now: f
     # bucket -> key -> [tokens, cents]; the key is () when not grouped by description
     totals: dict[int, dict[tuple[str, ...], list[Any]]] = {}
     with localcontext(Context(prec=60)):
-        for r in _aggregate(db, org_id, w, columns, sums, [], []):
-            tier = "batch" if r["service_tier"] == "batch" else "standard"
+        for r in _aggregate(db, org_id, w, columns, sums, ["service_tier != 'priority'"], []):
+            tier = r["service_tier"]  # standard or batch
             for token_type, (col, rate, cache, _) in TOKEN_TYPES.items():
                 tokens = r[col] or 0
                 if not tokens:
