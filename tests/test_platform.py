@@ -166,6 +166,11 @@ def test_aliases_and_the_wildcard(client):
     assert client.models.retrieve("claude-opus-4-8-latest").id == "claude-opus-4-8"
     with pytest.raises(anthropic.NotFoundError):  # the catch-all serves requests; it names no model
         client.models.retrieve("gpt-4o")
+    with pytest.raises(anthropic.BadRequestError) as e:  # an error names the model as the request did
+        client.messages.create(model="gpt-4o", max_tokens=2, speed="fast", messages=HI)
+    assert "gpt-4o does not support" in e.value.message and "claude-sonnet-4-6" not in e.value.message
+    with pytest.raises(anthropic.BadRequestError, match="output tokens for gpt-4o"):
+        client.messages.create(model="gpt-4o", max_tokens=5000, messages=HI)
     ids = [m.id for m in client.models.list()]
     assert ids == ["claude-opus-5-5", "claude-fable-5-2", "claude-mythos-5-2", "claude-opus-5", "claude-opus-4-8",
                    "claude-opus-4-7", "claude-sonnet-4-6", "claude-opus-4-6"]  # newest first

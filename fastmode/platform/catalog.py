@@ -81,16 +81,18 @@ class ModelEntry:
         """fast_mode_removed_at as a Unix time, or None."""
         return None if self.fast_mode_removed_at is None else _timestamp(self.fast_mode_removed_at)
 
-    def fast_rejection(self, now: float) -> str | None:
-        """Why `speed: "fast"` is a 400 for this model at Unix time `now`, or None."""
+    def fast_rejection(self, now: float, name: str | None = None) -> str | None:
+        """Why `speed: "fast"` is a 400 for this model at Unix time `now`, or None; `name`: the
+        model as the request named it (an alias, or a name the catch-all `*` serves)."""
+        name = name or self.id
         removed = (self.fast_removal is not None and now >= self.fast_removal
                    and self.fast_mode is not FastMode.UNSUPPORTED)
         if self.fast_mode is FastMode.REMOVED or removed:
             when = f" on {self.fast_mode_removed_at}" if removed else ""
-            return (f"speed: fast mode was removed for {self.id}{when}; it serves standard speed only. "
+            return (f"speed: fast mode was removed for {name}{when}; it serves standard speed only. "
                     f"Remove the `speed` parameter, or use a model with fast mode.")
         if self.fast_mode is FastMode.UNSUPPORTED:
-            return f"speed: {self.id} does not support the `speed` parameter value \"fast\"."
+            return f"speed: {name} does not support the `speed` parameter value \"fast\"."
         return None
 
 

@@ -27,25 +27,25 @@ def check_model_params(req: MessagesRequest, entry: ModelEntry) -> None:
             if kind == "enabled" and "adaptive" in entry.thinking_types:
                 hint = (" `budget_tokens` is not supported on this model: use thinking: {\"type\": \"adaptive\"} "
                         "and set output_config.effort instead.")
-            raise InvalidRequest(f"thinking.type: {kind!r} is not supported for model {entry.id} "
+            raise InvalidRequest(f"thinking.type: {kind!r} is not supported for model {req.model} "
                                  f"(accepted: {', '.join(entry.thinking_types) or 'none'}).{hint}")
     if req.effort is not None and req.effort not in entry.effort_levels:
         accepted = ", ".join(entry.effort_levels)
-        raise InvalidRequest(f"output_config.effort: {req.effort!r} is not supported for model {entry.id}"
+        raise InvalidRequest(f"output_config.effort: {req.effort!r} is not supported for model {req.model}"
                              + (f" (accepted: {accepted})" if accepted else " (this model takes no effort setting)"))
     if not entry.sampling_params:
         for name, default in _SAMPLING_DEFAULTS.items():
             value = getattr(req, name)
             if value is not None and value != default:
-                raise InvalidRequest(f"{name}: model {entry.id} does not accept a non-default {name}; remove "
+                raise InvalidRequest(f"{name}: model {req.model} does not accept a non-default {name}; remove "
                                      f"temperature, top_p and top_k (steer the output through the prompt)")
     if req.inference_geo is not None and req.inference_geo not in entry.inference_geos:
-        raise InvalidRequest(f"inference_geo: {req.inference_geo!r} is not available for model {entry.id} "
+        raise InvalidRequest(f"inference_geo: {req.inference_geo!r} is not available for model {req.model} "
                              f"(one of {', '.join(entry.inference_geos) or 'none'})")
     limit = entry.max_output_tokens
     if limit is not None and req.max_tokens > limit:
         raise InvalidRequest(f"max_tokens: {req.max_tokens} > {limit}, which is the maximum allowed number of "
-                             f"output tokens for {entry.id}")
+                             f"output tokens for {req.model}")
 
 
 def resolve_speed(req: MessagesRequest, entry: ModelEntry, org: Organization, betas: set[str], now: float,
@@ -61,13 +61,13 @@ def resolve_speed(req: MessagesRequest, entry: ModelEntry, org: Organization, be
                              "speed \"fast\" without service_tier \"priority\", or drop `speed`")
     if entry.fast_mode is FastMode.DEPRECATED_FALLBACK:
         return "standard"  # silently, at standard price; usage.speed says so
-    rejection = entry.fast_rejection(now)
+    rejection = entry.fast_rejection(now, req.model)
     if rejection:
         raise InvalidRequest(rejection)
     if entry.fast_mode in (FastMode.PREVIEW, FastMode.DEPRECATED) and FAST_BETA not in betas:
         removal = f" (removal on {entry.fast_mode_removed_at})" if entry.fast_mode_removed_at else ""
         status = "is in research preview" if entry.fast_mode is FastMode.PREVIEW else "is deprecated" + removal
-        raise InvalidRequest(f"speed: fast mode for {entry.id} {status} and requires the beta "
+        raise InvalidRequest(f"speed: fast mode for {req.model} {status} and requires the beta "
                              f"header `anthropic-beta: {FAST_BETA}`")
     if not org.fast_mode:
         raise PermissionDenied("Fast mode is not enabled for your organization. Ask the server's operator to "
