@@ -393,3 +393,48 @@ def test_a_forced_tool_choice_starts_the_reply_with_the_tool_call(client):
     assert strip(m) == strip(streamed) and m.stop_reason == streamed.stop_reason
     n = client.messages.count_tokens(**{k: v for k, v in kw.items() if k != "max_tokens"}).input_tokens
     assert n == m.usage.input_tokens  # the call's start is part of the prompt
+
+
+def _upload(chunks: int, chunk_bytes: int, disconnect: bool = False, json_value: bytes = b"1"):
+    """A Starlette request whose body arrives in `chunks` fresh chunks of spaces ending in
+    `json_value` (with `disconnect`, the client leaves instead of sending the last)."""
+    from starlette.requests import Request
+
+    sent = 0
+
+    async def receive():
+        nonlocal sent
+        if sent == chunks:
+            return {"type": "http.disconnect"}
+        sent += 1
+        more = sent < chunks or disconnect
+        return {"type": "http.request", "body": b" " * chunk_bytes + (b"" if more else json_value), "more_body": more}
+    return Request({"type": "http", "method": "POST", "path": "/v1/messages", "headers": []}, receive)
+
+
+def test_a_body_over_the_limit_is_a_413_read_without_keeping_it():
+    import asyncio
+    import tracemalloc
+
+    from fastmode.server.errors import RequestTooLarge
+    from fastmode.server.http import json_body
+
+    mb = 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(RequestTooLarge, match="104857601 bytes exceeds the 8388608 byte limit"):
+            asyncio.run(json_body(_upload(100, mb), limit=8 * mb))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 * mb  # the limit and a chunk or two, not the 100 MB sent
+    assert asyncio.run(json_body(_upload(7, mb, json_value=b'{"a": [1]}'), limit=8 * mb)) == {"a": [1]}
+
+
+def test_a_client_leaving_mid_upload_is_gone_not_a_server_error():
+    import asyncio
+
+    from fastmode.server.http import ClientGone, json_body
+
+    with pytest.raises(ClientGone):
+        asyncio.run(json_body(_upload(3, 1000, disconnect=True)))

@@ -6,7 +6,7 @@ import logging
 import re
 from typing import Any, Awaitable, Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from fastmode.platform.accounts import InvalidKey, Principal
@@ -20,7 +20,7 @@ MAX_BODY = 32 * 1024 * 1024
 
 
 class ClientGone(Exception):
-    """The client disconnected before its non-streaming answer was ready."""
+    """The client disconnected before its answer was ready (or while sending its request)."""
 
 
 Handler = Callable[[Request, ServerState], Awaitable[Response]]
@@ -96,9 +96,23 @@ def _check_version(request: Request) -> str:
 
 
 async def json_body(request: Request, limit: int = MAX_BODY) -> Any:
-    raw = await request.body()
-    if len(raw) > limit:
-        raise errors.RequestTooLarge(f"request body of {len(raw)} bytes exceeds the {limit} byte limit")
+    """The body as JSON. At most `limit` bytes are kept: past it the rest is read and dropped
+    (so the client gets its 413, not a reset connection, and memory stays bounded however many
+    arrive at once). A client that leaves mid-upload is ClientGone."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif chunks:
+                chunks.clear()  # over the limit: keep counting, keep nothing
+    except ClientDisconnect as e:
+        raise ClientGone() from e
+    if size > limit:
+        raise errors.RequestTooLarge(f"request body of {size} bytes exceeds the {limit} byte limit")
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
