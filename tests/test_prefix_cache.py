@@ -45,9 +45,10 @@ class Run:
     def on(self, d):  # the engine swallows callback errors: record here, check in finish()
         self.deltas += 1
         if d.cache is not None:
-            self.cache_order = (self.deltas, len(d.token_ids))
             self.cache = d.cache
-            self.started_at = self.engine.requests[self.rid].num_computed_tokens
+            if not d.status.finished:  # the admission report (an aborted request's last delta corrects it)
+                self.cache_order = (self.deltas, len(d.token_ids))
+                self.started_at = self.engine.requests[self.rid].num_computed_tokens
         self.tokens += d.token_ids
         if d.status.finished:
             self.status = d.status
@@ -255,3 +256,30 @@ def test_block_manager_refcounts_and_lru_order():
 def test_prefill_chunk_must_be_a_multiple_of_block_size():
     with pytest.raises(ValueError, match="multiple of block_size"):
         PrefixCache(BlockManager(8, 16), align=24)
+
+
+def test_a_request_aborted_while_computing_its_prompt_reports_the_writes_that_happened(tiny):
+    """Its admission planned two entries; aborted between them, its last delta says only the
+    first was written (the rest of the prompt is plain input), and a repeat reads that one."""
+    engine = make(tiny)
+    ids = prompt(300, seed=7)
+    run = Run(engine, ids, cache=spec(96, 250))
+    engine.step()
+    while engine.requests[run.rid].num_computed_tokens < 96:
+        engine.step()
+    assert engine.requests[run.rid].num_computed_tokens < 250
+    assert run.cache == CacheResult(read=0, created_5m=250, created_1h=0)  # the plan, at admission
+    engine.abort(run.rid)
+    run.finish()
+    assert run.status is Status.FINISHED_ABORTED
+    assert run.cache == CacheResult(read=0, created_5m=96, created_1h=0)
+    again = Run(engine, ids, cache=spec(96, 250)).finish()
+    assert again.cache == CacheResult(read=96, created_5m=154, created_1h=0)
+    early = Run(engine, prompt(300, seed=8), cache=spec(96, 250))
+    while early.cache is None:
+        engine.step()
+    engine.abort(early.rid)
+    early.finish()  # aborted before its first entry: nothing written
+    assert early.cache == CacheResult(read=0, created_5m=0, created_1h=0)
+    done = Run(engine, prompt(300, seed=9), cache=spec(96, 250)).finish()
+    assert done.cache == CacheResult(read=0, created_5m=250, created_1h=0)  # finished: the plan held

@@ -2,14 +2,18 @@
 look-back, the ledger. The example catalog on tiny-random (one token per byte)."""
 from __future__ import annotations
 
+import json
 import random
 import time
 
 import anthropic
 import pytest
 
+from conftest import running_server, small_engine_config
 from fastmode.platform.db import Database
-from test_platform import catalog_server, ledger
+from fastmode.platform.service import Platform
+from fastmode.server.app import build_state
+from test_platform import catalog_server, example_catalog, ledger
 
 GA = "claude-opus-5-5"  # fast mode GA; its minimum lowered to 256 tokens below
 PREVIEW = "claude-opus-5"  # fast mode in preview; minimum 1024 tokens
@@ -249,3 +253,45 @@ def test_batch_items_read_the_standard_cache(client, server):
     (result,) = list(client.messages.batches.results(batch.id))
     assert result.result.type == "succeeded"
     assert result.result.message.usage.cache_read_input_tokens == warm.cache_creation_input_tokens
+
+
+def test_a_stream_left_before_its_prefix_was_computed_bills_no_cache_write(tiny):
+    """message_start reports the planned write; the client leaves before the prompt reaches the
+    breakpoint, so no entry is written: the usage row bills the prompt as plain input (and the
+    same request again reads nothing, as billed)."""
+    import httpx
+
+    platform = Platform(Database())
+    state = build_state({"tiny-random": tiny}, small_engine_config(), catalog=example_catalog(**CHANGES),
+                        platform=platform)
+    engine = state.backends["tiny-random"].engine
+    step = engine.step
+
+    def slow_step():  # one 32-token prompt chunk per 50 ms: the client leaves long before the breakpoint
+        time.sleep(0.05)
+        step()
+    engine.step = slow_step
+    body = {"model": GA, "max_tokens": 8, "stream": True, "system": [cached(words(250, 11))],
+            "messages": [{"role": "user", "content": "Go on."}]}
+    with running_server(state) as url:
+        headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+        with httpx.stream("POST", url + "/v1/messages", json=body, headers=headers, timeout=30) as r:
+            assert r.status_code == 200
+            rid = r.headers["request-id"]
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    planned = json.loads(line[6:])["message"]["usage"]
+                    break
+        deadline = time.monotonic() + 10
+        while not platform.db.query("SELECT 1 FROM usage WHERE request_id = ?", (rid,)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        row = ledger(platform, rid)
+        engine.step = step
+        again = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0).messages.create(
+            **{**body, "stream": False}).usage
+    assert planned["cache_creation_input_tokens"] > 256 and planned["cache_read_input_tokens"] == 0
+    assert row["outcome"] == "canceled" and row["output_tokens"] == 0
+    assert (row["cache_creation_5m_input_tokens"], row["cache_read_input_tokens"]) == (0, 0)
+    assert row["uncached_input_tokens"] == planned["input_tokens"] + planned["cache_creation_input_tokens"]
+    assert again.cache_read_input_tokens == 0
+    assert again.cache_creation_input_tokens == planned["cache_creation_input_tokens"]

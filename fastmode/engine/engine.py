@@ -362,6 +362,8 @@ class Engine:
             _emit(r, TokenDelta(r.request_id, new, status))
 
     def _finish(self, r: Request, status: Status, new: list[int]) -> None:
+        # ended before writing every planned cache entry: its last delta says what was written
+        cache = self.prefix.settled(r) if r.cache is not None else None
         self.scheduler.finish(r, status)
         self.requests.pop(r.request_id, None)
         self.lookups.pop(r.request_id, None)
@@ -375,7 +377,7 @@ class Engine:
         self.corpus_policy.forget(r.request_id)
         self.pool_policy.forget(r.request_id)
         self.tokens_per_pass.pop(r.request_id, None)
-        _emit(r, TokenDelta(r.request_id, new, r.status))
+        _emit(r, TokenDelta(r.request_id, new, r.status, cache=cache))
         pool = self.pool  # once: shutdown may drop it from another thread
         if pool is not None and r.pool is not None and status is not Status.FINISHED_ERROR:
             try:  # what it produced before it ended (also when aborted), after its last delta went out

@@ -82,6 +82,15 @@ class _Tracked:
     end: int  # last breakpoint: blocks beyond it are not registered
     registered: int = 0  # leading blocks registered (or found) so far
     pending: list[Breakpoint] = field(default_factory=list)  # entries to write once computed
+    read: int = 0  # the prompt tokens read from an entry at admission
+
+
+def _billed(breakpoints: list[Breakpoint], read: int) -> CacheResult:
+    """The API's usage split for a prompt that read `read` tokens from an entry and wrote
+    entries at `breakpoints`: each token written at the longest TTL of an entry holding it."""
+    last_1h = max((b.position for b in breakpoints if b.ttl >= TTL_1H), default=0)
+    last_5m = max((b.position for b in breakpoints if b.ttl < TTL_1H), default=0)
+    return CacheResult(read, max(0, last_5m - max(read, last_1h)), max(0, last_1h - read))
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -174,14 +183,20 @@ class PrefixCache:
             self.stats["tokens_reused"] += hit.reused
         else:
             self.stats["misses"] += 1
-        t.registered = len(hit.blocks)
+        t.registered, t.read = len(hit.blocks), hit.read
         # entries to write: past the one read (which keeps its TTL: a longer one is not free)
         t.pending = [b for b in spec.breakpoints if hit.read < b.position <= len(req.prompt_ids)]
-        last_1h = max((b.position for b in spec.breakpoints if b.ttl >= TTL_1H), default=0)
-        last_5m = max((b.position for b in spec.breakpoints if b.ttl < TTL_1H), default=0)
-        created_1h = max(0, last_1h - hit.read)
-        created_5m = max(0, last_5m - max(hit.read, last_1h))
-        return CacheResult(hit.read, created_5m, created_1h)
+        return _billed(spec.breakpoints, hit.read)
+
+    def settled(self, req: Request) -> CacheResult | None:
+        """For a request ending before its prompt reached every entry it was to write (aborted
+        while computing it): what it read and the writes that did happen, the rest being plain
+        input; None when every planned entry was written (the admission's CacheResult holds)."""
+        t = self._tracked.get(req.request_id)
+        if t is None or not t.pending or req.cache is None:
+            return None
+        unwritten = {b.position for b in t.pending}
+        return _billed([b for b in req.cache.breakpoints if b.position not in unwritten], t.read)
 
     # ---- as the request computes (engine thread) ------------------------------------------
     def computed(self, req: Request) -> None:

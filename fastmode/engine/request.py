@@ -53,7 +53,8 @@ class TokenDelta:
     request_id: str
     token_ids: list[int]
     status: Status
-    cache: CacheResult | None = None  # set once, on the delta that reports the request's admission
+    cache: CacheResult | None = None  # on the delta that reports the request's admission, and on its
+    # last if it ended before writing every cache entry planned then (what it did write)
 
 
 @dataclass

@@ -20,6 +20,7 @@ _STOP_REASONS = {
     Status.FINISHED_CONTEXT: "model_context_window_exceeded",
 }
 _SPACE = re.compile(r"\s*")
+SETTLE_S = 2.0  # how long usage waits for an aborted request's report of its cache writes
 
 
 class GenerationFailed(RuntimeError):
@@ -93,6 +94,8 @@ class Generation:
         loop = asyncio.get_running_loop()
         self._inbox: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._admitted = asyncio.Event()
+        self._ended = asyncio.Event()  # the engine's last delta for it has come
+        self._tokens_came = False
         if self.cache is None:
             self._admitted.set()  # nothing to report before the first token
         self.engine.add(self.request_id, self.prompt_ids, self.params, self.lane,
@@ -100,12 +103,15 @@ class Generation:
                         max_len=self.max_len)
 
     def _deliver(self, delta: TokenDelta) -> None:
-        if delta.cache is not None:  # the admission report: no tokens
+        if delta.cache is not None:  # the admission report (no tokens), or a last delta's correction
             self.outcome.cache = delta.cache
             self._admitted.set()
-            return
+            if not delta.status.finished:
+                return
         if delta.status.finished:
             self._admitted.set()
+            self._ended.set()
+        self._tokens_came = self._tokens_came or bool(delta.token_ids)
         self._inbox.put_nowait(delta)
 
     async def admitted(self) -> None:
@@ -116,6 +122,19 @@ class Generation:
     def abort(self) -> None:
         """Stop the request in the engine and free its KV blocks (safe to repeat)."""
         self.engine.abort(self.request_id)
+
+    async def settled(self, timeout: float = SETTLE_S) -> None:
+        """Once it ended here (aborted): if it was to write prompt-cache entries and no token
+        came (so its prompt may not have reached them), wait for the engine's last delta, which
+        says what it did write (`outcome.cache`), so that its usage bills only those; at most
+        `timeout` seconds. Returns at once otherwise."""
+        c = self.outcome.cache
+        if c is None or not c.created or self._tokens_came or self._ended.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
 
     async def stream(self) -> AsyncIterator[str]:
         inbox = self._inbox

@@ -247,7 +247,10 @@ async def create_message(request: Request, state: ServerState) -> Response:
         await _run_to_end(gen, request)
     finally:
         state.live.discard(gen)
-        finish(gen, ticket, prep)
+        try:
+            await gen.settled()
+        finally:
+            finish(gen, ticket, prep)
     if prep.req.stream:  # a pre-warm: the cache is written, nothing was generated
         return StreamingResponse(_empty_stream(msg_id, prep, gen.outcome.cache), media_type="text/event-stream",
                                  headers=ticket.headers)
@@ -270,7 +273,10 @@ class GenerationStream(StreamingResponse):
         finally:
             self.live.discard(self.gen)
             self.gen.abort()
-            finish(self.gen, self.ticket, self.prep)
+            try:
+                await self.gen.settled()
+            finally:
+                finish(self.gen, self.ticket, self.prep)
 
 
 async def run_to_end(gen: Generation) -> None:
