@@ -100,8 +100,12 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"fastmode: serving {', '.join(e.id for e in state.catalog.entries)} on http://{host}:{port} "
           f"(ANTHROPIC_BASE_URL=http://{host}:{port}); {mode}; database {db_path}", file=sys.stderr, flush=True)
     # on Ctrl-C, requests still running get SHUTDOWN_GRACE_S to finish, then end with an overloaded error
-    Server(state, uvicorn.Config(create_app(state), host=host, port=port, log_level=args.log_level),
-           SHUTDOWN_GRACE_S).run()
+    server = Server(state, uvicorn.Config(create_app(state), host=host, port=port, log_level=args.log_level),
+                    SHUTDOWN_GRACE_S)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, once it has shut down
+        pass
     return 0
 
 

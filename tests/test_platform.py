@@ -171,6 +171,10 @@ def test_aliases_and_the_wildcard(client):
     assert "gpt-4o does not support" in e.value.message and "claude-sonnet-4-6" not in e.value.message
     with pytest.raises(anthropic.BadRequestError, match="output tokens for gpt-4o"):
         client.messages.create(model="gpt-4o", max_tokens=5000, messages=HI)
+    for length in (18_000, 400_000):  # refused once tokenized, and by its length alone (not tokenized)
+        with pytest.raises(anthropic.BadRequestError, match="the context window of gpt-4o"):
+            client.messages.create(model="gpt-4o", max_tokens=5,
+                                   messages=[{"role": "user", "content": "x " * (length // 2)}])
     ids = [m.id for m in client.models.list()]
     assert ids == ["claude-opus-5-5", "claude-fable-5-2", "claude-mythos-5-2", "claude-opus-5", "claude-opus-4-8",
                    "claude-opus-4-7", "claude-sonnet-4-6", "claude-opus-4-6"]  # newest first

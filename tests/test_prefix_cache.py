@@ -283,3 +283,34 @@ def test_a_request_aborted_while_computing_its_prompt_reports_the_writes_that_ha
     assert early.cache == CacheResult(read=0, created_5m=0, created_1h=0)
     done = Run(engine, prompt(300, seed=9), cache=spec(96, 250)).finish()
     assert done.cache == CacheResult(read=0, created_5m=250, created_1h=0)  # finished: the plan held
+
+
+def test_usage_waits_for_what_a_request_left_while_queued_wrote(tiny):
+    """The client leaves while its request is still queued, but the engine's step under way
+    admits it and writes its first entry before it sees the abort: the usage the server
+    bills (outcome.cache once settled) holds that write."""
+    import asyncio
+    import threading
+
+    from fastmode.server.generation import Generation
+
+    engine = make(tiny)
+    ids = prompt(100, seed=3)
+
+    async def main():
+        gen = Generation(engine, tiny.tokenizer, ids, SamplingParams(max_tokens=8), Lane.STANDARD, [],
+                         cache=spec(32, 96))
+        gen.start()
+        engine._drain_inbox()  # engine thread: a step begins and takes the request in
+        gen.abort()  # the client left: no admission report has come yet
+
+        def rest_of_the_step():  # the same step admits it and computes its first chunk; the next, the abort
+            engine._step_lane(Lane.STANDARD)
+            engine._drain_inbox()
+        thread = threading.Thread(target=rest_of_the_step)
+        thread.start()
+        await gen.settled()
+        thread.join()
+        return gen.outcome.cache
+    assert asyncio.run(main()) == CacheResult(read=0, created_5m=32, created_1h=0)
+    assert len(engine.prefix.entries) == 1

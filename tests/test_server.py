@@ -277,6 +277,21 @@ def test_stopping_server_ends_running_requests_with_an_overloaded_error_after_it
         assert not state.live
     rows = state.platform.db.query("SELECT outcome, output_tokens FROM usage")
     assert len(rows) == 2 and all(r["outcome"] == "error" and 0 < r["output_tokens"] < 1900 for r in rows)
+    assert state.stopping
+
+
+def test_after_the_cut_off_a_request_that_had_not_started_is_refused_with_529(tiny_server):
+    url, state = tiny_server
+    before = len(state.platform.db.query("SELECT 1 FROM usage"))
+    state.stopping = True  # as the cut-off leaves it, for requests still reading their body or tokenizing
+    try:
+        c = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError) as e:
+            c.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert e.value.status_code == 529 and "shutting down" in e.value.message
+    finally:
+        state.stopping = False
+    assert len(state.platform.db.query("SELECT 1 FROM usage")) == before  # it never ran: no usage row
 
 
 def test_api_keys_and_overload(tiny):

@@ -33,7 +33,7 @@ class Server(uvicorn.Server):
     is still open `BACKSTOP_S` later is cancelled by uvicorn."""
 
     def __init__(self, state: ServerState, config: uvicorn.Config, grace: float) -> None:
-        config.timeout_graceful_shutdown = int(grace) + BACKSTOP_S
+        config.timeout_graceful_shutdown = grace + BACKSTOP_S  # type: ignore[assignment]  (a float works)
         super().__init__(config)
         self.state, self.grace = state, grace
 

@@ -124,12 +124,12 @@ class Generation:
         self.engine.abort(self.request_id)
 
     async def settled(self, timeout: float = SETTLE_S) -> None:
-        """Once it ended here (aborted): if it was to write prompt-cache entries and no token
-        came (so its prompt may not have reached them), wait for the engine's last delta, which
-        says what it did write (`outcome.cache`), so that its usage bills only those; at most
-        `timeout` seconds. Returns at once otherwise."""
-        c = self.outcome.cache
-        if c is None or not c.created or self._tokens_came or self._ended.is_set():
+        """Once it ended here (aborted): if it has cache breakpoints and no token came (so its
+        prompt may have reached some, or none, of them, even if it was still queued when this
+        side let go), wait for the engine's last delta, after which `outcome.cache` says what it
+        read and wrote, so that its usage bills just that; at most `timeout` seconds (then the
+        admission's plan stands). Returns at once otherwise."""
+        if self.cache is None or not self.cache.breakpoints or self._tokens_came or self._ended.is_set():
             return
         try:
             await asyncio.wait_for(self._ended.wait(), timeout)

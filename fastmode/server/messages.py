@@ -129,14 +129,14 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     namespace = f"{org.id}\0{entry.id}"
     window = state.context_window(entry)
     ids, cache = await run_in_threadpool(_prompt, req, backend, namespace, entry.min_cacheable_tokens, window,
-                                         entry.id, for_count)
+                                         req.model, for_count)
     if not for_count:
         if len(ids) >= window:
             raise InvalidRequest(f"prompt is too long: {len(ids)} tokens >= {window} maximum "
-                                 f"(the context window of {entry.id})")
+                                 f"(the context window of {req.model})")
         if req.max_tokens > window:
             raise InvalidRequest(f"max_tokens: {req.max_tokens} > {window}, which is the maximum allowed number "
-                                 f"of output tokens for {entry.id}")
+                                 f"of output tokens for {req.model}")
     # answers are drafted from for later requests of the same organization, model id, end user
     # and (the engine adds the lane) speed; zero data retention keeps none
     pool = None if org.zero_data_retention else f"{namespace}\0{req.user_id or ''}"
@@ -239,6 +239,9 @@ async def create_message(request: Request, state: ServerState) -> Response:
                                      headers=ticket.headers)
         return JSONResponse(message_json(msg_id, prep.entry.id, [], "max_tokens", None, prep.usage(0)),
                             headers=ticket.headers)
+    if state.stopping:  # the shutdown's cut-off has passed: nothing new starts
+        ticket.release()
+        raise errors.Overloaded("the server is shutting down; retry the request")
     gen = start_generation(prep, ticket)
     state.live.add(gen)
     if prep.req.stream and prep.req.max_tokens > 0:
@@ -246,11 +249,7 @@ async def create_message(request: Request, state: ServerState) -> Response:
     try:
         await _run_to_end(gen, request)
     finally:
-        state.live.discard(gen)
-        try:
-            await gen.settled()
-        finally:
-            finish(gen, ticket, prep)
+        await _settle(gen, ticket, prep, state.live)
     if prep.req.stream:  # a pre-warm: the cache is written, nothing was generated
         return StreamingResponse(_empty_stream(msg_id, prep, gen.outcome.cache), media_type="text/event-stream",
                                  headers=ticket.headers)
@@ -271,12 +270,19 @@ class GenerationStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.live.discard(self.gen)
             self.gen.abort()
-            try:
-                await self.gen.settled()
-            finally:
-                finish(self.gen, self.ticket, self.prep)
+            await _settle(self.gen, self.ticket, self.prep, self.live)
+
+
+async def _settle(gen: Generation, ticket: Ticket, prep: Prepared, live: set[Generation]) -> None:
+    """However an HTTP request's generation ended: it leaves the live set, and once the engine
+    has said what it wrote to the prompt cache (`Generation.settled`), its usage row is written
+    (also if this wait is cancelled)."""
+    live.discard(gen)
+    try:
+        await gen.settled()
+    finally:
+        finish(gen, ticket, prep)
 
 
 async def run_to_end(gen: Generation) -> None:

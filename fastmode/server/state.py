@@ -30,6 +30,7 @@ class ServerState:
     created_at: str
     batches: object | None = field(default=None)  # the BatchRunner, once the app starts
     live: set[Generation] = field(default_factory=set)  # the HTTP requests generating now (not batch items)
+    stopping: bool = False  # the shutdown's cut-off has passed: new requests are refused
 
     def backend(self, entry: ModelEntry) -> Backend:
         return self.backends[entry.weights]
@@ -44,7 +45,9 @@ class ServerState:
     def end_live_requests(self) -> None:
         """End every HTTP request still generating as the engine's shutdown would: a stream's
         last event is an overloaded error, a request not streamed answers 529 (the server is
-        stopping; its cut-off, see app.Server)."""
+        stopping; its cut-off, see app.Server); one that has not started yet (reading its body,
+        tokenizing) is refused with a 529 when it would."""
+        self.stopping = True
         for gen in list(self.live):
             gen.abort()
 
