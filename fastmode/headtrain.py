@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -34,6 +36,8 @@ from fastmode.engine.request import Lane, SamplingParams
 from fastmode.engine.runner import max_threads
 from fastmode.model.draft_head import DraftHead
 from fastmode.weights.registry import DEFAULT_MODEL, LoadedModel, corpus_path, draft_head_path, load_model
+
+BATCH = 256  # training positions a step
 
 TOPICS = (
     "photosynthesis|black holes|the water cycle|volcanoes|earthquakes|the immune system|DNA|electricity|magnets|"
@@ -126,7 +130,7 @@ def collect(loaded: LoadedModel, prompts: list[list[int]], taps: tuple[int, ...]
 
 
 def train(head: DraftHead, model_norm: torch.nn.Module, records: list[tuple[list[int], torch.Tensor]],
-          epochs: int = 2, batch: int = 256, lr: float = 2e-3, seed: int = 0,
+          epochs: int = 2, batch: int = BATCH, lr: float = 2e-3, seed: int = 0,
           progress: Callable[[str], None] = lambda s: None) -> dict[str, float]:
     """Fit `head` to the records (see the module's docstring); the last tap must be the model's
     last block, whose output through `model_norm` is the feature the head predicts. Returns the
@@ -207,49 +211,129 @@ def default_taps(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(4, num_layers - 1), num_layers // 2 - 1, num_layers - 1} - {-1}))
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a count out of range before the model loads: caught later it costs the minutes of
+    collection first, or runs quietly on something else (`--prompts -5` slicing off the last five)."""
+    ranges = {"--prompts": (args.prompts, 0, len(training_prompts()), " (0: all of them)"),
+              "--max-tokens": (args.max_tokens, 3, None, " (shorter answers are left out)"),
+              "--epochs": (args.epochs, 1, None, ""), "--inter": (args.inter, 1, None, ""),
+              "--vocab": (args.vocab, 1, None, "")}
+    for flag, (value, low, high, why) in ranges.items():
+        if value < low or (high is not None and value > high):
+            span = f"{low} to {high}" if high is not None else f"{low} or more"
+            raise ValueError(f"{flag} {value}: use {span}{why}")
+
+
+def check_writable(out: Path) -> None:
+    """Refuse outputs the run could not write before the work that makes them, not after: a
+    folder in the head's or the corpus's place, or a folder for them that cannot be made or
+    written in."""
+    for path in (out, corpus_path(out)):
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder: --out names the head's file, NAME.safetensors")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        why = "a file, not a folder" if isinstance(e, FileExistsError) else e.strerror
+        raise OSError(f"cannot write in {out.parent} ({why}): choose another place with --out") from e
+
+
+def read_workload(path: Path, loaded: LoadedModel, model: str) -> tuple[list[dict], list[list[int]]]:
+    """A workload file's items and their prompts' token ids, a line that is not a valid request
+    refused by file and line before any answer is collected."""
+    from fastmode.bench.compare import prompt_ids
+    from fastmode.server.errors import InvalidRequest
+
+    items, ids = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict):
+                raise ValueError("not a JSON object")
+            ids += prompt_ids(loaded.tokenizer, model, [item])
+        except (ValueError, InvalidRequest) as e:
+            raise ValueError(f"{path}:{n}: {e}") from e
+        items.append(item)
+    return items, ids
+
+
+def save_all(files: dict[Path, Callable[[Path], None]]) -> None:
+    """Write each file beside its place, then rename them all in: a run that fails part way, or
+    a server reading them meanwhile, never meets a half-written file or a new corpus beside an
+    old head. safetensors makes its files 0600; these get a plain open()'s mode (0666 less the
+    umask), as the package's other files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmps = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in files}
+    try:
+        for path, write in files.items():
+            write(tmps[path])
+            tmps[path].chmod(0o666 & ~umask)
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Everything that can be refused is refused before the answers are collected, and nothing
+    is written until the whole run has worked: a failed run leaves the files it would replace
+    (by default the package's own) as they were."""
     from fastmode.bench.compare import prompt_ids
 
     def say(msg: str) -> None:
         print(f"fastmode train-head: {msg}", file=sys.stderr, flush=True)
 
-    evals_path = Path(args.eval) if args.eval else Path(__file__).parent / "bench" / "workloads" / "dev.jsonl"
+    check_numbers(args)
     out = Path(args.out) if args.out else draft_head_path(args.model)
     if out is None:
         raise ValueError(f"{args.model} has no place for a head file: pass --out")
+    check_writable(out)
+    evals_path = Path(args.eval) if args.eval else Path(__file__).parent / "bench" / "workloads" / "dev.jsonl"
     loaded = load_model(args.model)
     if not loaded.arch.tie_embeddings and not args.corpus_only:
         raise ValueError(f"{args.model}: its output matrix is not tied to its embedding, which the head reads "
                          f"drafts through")
+    if args.max_tokens >= loaded.arch.max_position:
+        raise ValueError(f"--max-tokens {args.max_tokens}: use 3 to {loaded.arch.max_position - 1} "
+                         f"({args.model}'s context is {loaded.arch.max_position} tokens)")
     loaded.draft_head = None  # answers come from the model alone
     taps = default_taps(loaded.arch.num_layers)
+    evals, eval_ids = read_workload(evals_path, loaded, args.model)
+    if not evals and not args.corpus_only:
+        raise ValueError(f"--eval {evals_path} holds no prompts to measure the head on")
     texts = training_prompts()[:args.prompts or None]
     items = [{"messages": [{"role": "user", "content": t}], "max_tokens": args.max_tokens} for t in texts]
-    evals = [json.loads(line) for line in evals_path.read_text().splitlines() if line.strip()]
     held_out = {json.dumps(e["messages"]) for e in evals}
     items = [i for i in items if json.dumps(i["messages"]) not in held_out]
+    if not args.corpus_only and len(items) * (args.max_tokens - 1) < BATCH:
+        raise ValueError(f"--prompts {args.prompts} --max-tokens {args.max_tokens}: {len(items)} prompts give at "
+                         f"most {len(items) * (args.max_tokens - 1)} training positions, fewer than one batch of "
+                         f"{BATCH}: raise either")
     say(f"{len(items)} prompts" + ("" if args.corpus_only else f", taps after blocks {taps}"))
     records = collect(loaded, prompt_ids(loaded.tokenizer, args.model, items), () if args.corpus_only else taps,
                       args.max_tokens, progress=say)
     corpus_out = corpus_path(out)
-    corpus_out.parent.mkdir(parents=True, exist_ok=True)
     corpus = DraftCorpus.from_answers([ids for ids, _ in records])
-    corpus.save(corpus_out, loaded.arch.vocab_size, {"model": args.model})
-    say(f"wrote {corpus_out} ({len(corpus)} tokens of {corpus.num_answers} answers)")
-    if args.corpus_only:
-        return 0
-    counts = collections.Counter(t for ids, _ in records for t in ids)
-    vocab = torch.tensor(sorted(t for t, _ in counts.most_common(args.vocab)))
-    head = DraftHead(loaded.arch.hidden_size, args.inter, vocab, loaded.model.embed.weight, taps,
-                     loaded.arch.rms_norm_eps)
-    torch.set_num_threads(max_threads())  # the engine's last pass may have left fewer
-    train(head, loaded.model.norm, records, epochs=args.epochs, progress=say)
-    eval_records = collect(loaded, prompt_ids(loaded.tokenizer, args.model, evals), taps, progress=lambda s: None)
-    rates = acceptance(head, eval_records)
-    say(f"{evals_path.name}: the first 1..{len(rates)} drafts all right at " + ", ".join(f"{r:.3f}" for r in rates)
-        + " of positions")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    head.save(out, {"model": args.model, "trained_on": f"{len(records)} answers, {sum(counts.values())} tokens",
-                    "acceptance": ",".join(f"{r:.3f}" for r in rates)})
-    say(f"wrote {out}")
+    files = {corpus_out: lambda path: corpus.save(path, loaded.arch.vocab_size, {"model": args.model})}
+    if not args.corpus_only:
+        counts = collections.Counter(t for ids, _ in records for t in ids)
+        vocab = torch.tensor(sorted(t for t, _ in counts.most_common(args.vocab)))
+        head = DraftHead(loaded.arch.hidden_size, args.inter, vocab, loaded.model.embed.weight, taps,
+                         loaded.arch.rms_norm_eps)
+        torch.set_num_threads(max_threads())  # the engine's last pass may have left fewer
+        train(head, loaded.model.norm, records, epochs=args.epochs, progress=say)
+        rates = acceptance(head, collect(loaded, eval_ids, taps, progress=lambda s: None))
+        say(f"{evals_path.name}: the first 1..{len(rates)} drafts all right at "
+            + ", ".join(f"{r:.3f}" for r in rates) + " of positions")
+        files[out] = lambda path: head.save(path, {
+            "model": args.model, "trained_on": f"{len(records)} answers, {sum(counts.values())} tokens",
+            "acceptance": ",".join(f"{r:.3f}" for r in rates)})
+    save_all(files)
+    say(f"wrote {corpus_out} ({len(corpus)} tokens of {corpus.num_answers} answers)"
+        + ("" if args.corpus_only else f" and {out}"))
     return 0

@@ -1,5 +1,7 @@
 """The fast lane's trained draft head: its file, its native path, its training and the engine's use of it."""
+import os
 import random
+import stat
 
 import pytest
 import torch
@@ -179,3 +181,116 @@ def test_a_head_that_stopped_paying_runs_only_to_explore(trained):
     for _ in range(10):  # its first drafts keep failing: the request stops paying its way
         drafter.observe("good", 0)
     assert drafter.first["good"] < 0.05 and not drafter.wants("good", 0.0, 1, step)
+
+
+def train_head(out, *flags):
+    from fastmode.cli import main
+    return main(["train-head", "--model", "tiny-random", "--out", str(out), *flags])
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert err.startswith("fastmode: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def small_run(tmp_path):
+    """Flags for a run of a second or two: 24 answers of 12 tokens, one epoch, one eval prompt."""
+    (tmp_path / "eval.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    return ["--prompts", "24", "--max-tokens", "12", "--epochs", "1", "--inter", "16", "--eval",
+            str(tmp_path / "eval.jsonl")]
+
+
+@pytest.fixture
+def no_collection(monkeypatch):
+    monkeypatch.setattr(headtrain, "collect", lambda *a, **k: pytest.fail("answers collected before the refusal"))
+
+
+@pytest.mark.parametrize("flags, eval_lines, said", [
+    (["--prompts", "-5"], None, "--prompts -5: use 0 to "),
+    (["--prompts", "5000"], None, "--prompts 5000: use 0 to "),
+    (["--epochs", "0"], None, "--epochs 0: use 1 or more"),
+    (["--epochs", "-1"], None, "--epochs -1: use 1 or more"),
+    (["--max-tokens", "0"], None, "--max-tokens 0: use 3 or more"),
+    (["--max-tokens", "-1"], None, "--max-tokens -1: use 3 or more"),
+    (["--max-tokens", "2048"], None, "--max-tokens 2048: use 3 to 2047"),
+    (["--inter", "0"], None, "--inter 0: use 1 or more"),
+    (["--vocab", "0"], None, "--vocab 0: use 1 or more"),
+    (["--prompts", "2", "--max-tokens", "32"], None, "at most 62 training positions, fewer than one batch of 256"),
+    ([], ['{"messages": [{"role": "user", "content": "hi"}]}', '{"category": "x"}'], "eval.jsonl:2: messages"),
+    ([], ['{"messages": ['], "eval.jsonl:1: Expecting value"),
+    ([], ['[1, 2]'], "eval.jsonl:1: not a JSON object"),
+    ([], [], "eval.jsonl holds no prompts"),
+])
+def test_train_head_refuses_bad_arguments_before_collecting(tmp_path, capsys, no_collection, flags, eval_lines, said):
+    if eval_lines is not None:
+        (tmp_path / "eval.jsonl").write_text("".join(line + "\n" for line in eval_lines))
+        flags = [*flags, "--eval", str(tmp_path / "eval.jsonl")]
+    out = tmp_path / "out" / "h.safetensors"
+    assert train_head(out, *flags) == 2
+    assert said in one_error_line(capsys)
+    assert not out.exists() and not (tmp_path / "out" / "h.corpus.safetensors").exists()
+
+
+def test_train_head_refuses_outputs_it_cannot_write_before_collecting(tmp_path, capsys, no_collection):
+    (tmp_path / "folder").mkdir()
+    assert train_head(tmp_path / "folder", "--corpus-only") == 2
+    assert "folder is a folder: --out names the head's file" in one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["folder"]  # no folder.corpus.safetensors
+    (tmp_path / "file").write_text("")
+    assert train_head(tmp_path / "file" / "h.safetensors") == 2
+    assert f"cannot write in {tmp_path / 'file'} (a file, not a folder)" in one_error_line(capsys)
+
+
+def test_a_failed_train_head_run_leaves_the_files_it_would_replace(tmp_path, capsys, monkeypatch):
+    """A run that fails at its last step, after its answers were collected and its head
+    trained, writes nothing: no new files, and the old ones (by default the package's) stay."""
+    def fail(*args):
+        raise RuntimeError("failed at the last step")
+    monkeypatch.setattr(headtrain, "acceptance", fail)
+    flags = small_run(tmp_path)
+    out, corpus = tmp_path / "out" / "h.safetensors", tmp_path / "out" / "h.corpus.safetensors"
+    out.parent.mkdir()
+    assert train_head(out, *flags) == 2
+    assert "failed at the last step" in capsys.readouterr().err
+    assert list(tmp_path.rglob("*.safetensors")) == []
+    out.write_bytes(b"the old head")
+    corpus.write_bytes(b"the old corpus")
+    assert train_head(out, *flags) == 2
+    assert out.read_bytes() == b"the old head" and corpus.read_bytes() == b"the old corpus"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["h.corpus.safetensors", "h.safetensors"]
+
+
+def test_a_train_head_run_failing_as_it_writes_leaves_the_old_pair(tmp_path, capsys, monkeypatch):
+    """The head's file failing half written leaves the old head, and the old corpus beside it."""
+    def fail(self, path, meta=None):
+        path.write_bytes(b"half a head")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(DraftHead, "save", fail)
+    out, corpus = tmp_path / "out" / "h.safetensors", tmp_path / "out" / "h.corpus.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"the old head")
+    corpus.write_bytes(b"the old corpus")
+    assert train_head(out, *small_run(tmp_path)) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == b"the old head" and corpus.read_bytes() == b"the old corpus"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["h.corpus.safetensors", "h.safetensors"]
+
+
+def test_train_head_replaces_its_files_whole_and_as_the_umask_says(tmp_path, tiny):
+    """A run that works renames its files over the old ones, leaving no temporary file, with
+    the mode a plain open() would give them."""
+    from fastmode.engine.corpus import DraftCorpus
+    out, corpus = tmp_path / "h.safetensors", tmp_path / "h.corpus.safetensors"
+    out.write_bytes(b"the old head")
+    corpus.write_bytes(b"the old corpus")
+    flags = small_run(tmp_path)
+    umask = os.umask(0o027)
+    try:
+        assert train_head(out, *flags) == 0
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl", "h.corpus.safetensors", "h.safetensors"]
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(corpus.stat().st_mode) == 0o640  # not safetensors' 0600
+    assert DraftHead.load(out, tiny.model.embed.weight).taps == (0, 1)
+    assert DraftCorpus.load(corpus, tiny.arch.vocab_size).num_answers == 24
