@@ -4,8 +4,10 @@ import json
 import pytest
 import torch
 
-from fastmode.bench.runner import identical_outputs, load_workload, summarize, Sample
+from fastmode.bench.runner import identical_outputs, load_workload, one_request, summarize, Sample
 from fastmode.cli import main
+
+UNREACHABLE = "http://127.0.0.1:9"
 
 
 def write_workload(path):
@@ -74,6 +76,188 @@ def test_unreachable_server_is_a_clear_error(tmp_path, capsys):
     write_workload(wl)
     assert main(["bench", "--url", "http://127.0.0.1:9", "--workload", str(wl), "--out", str(tmp_path)]) == 2
     assert "could not talk to http://127.0.0.1:9" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def catalog_url(tiny):
+    """The example catalog on tiny-random weights: fast-mode models that take no sampling fields."""
+    from test_platform import catalog_server
+    with catalog_server(tiny) as (url, _):
+        yield url
+
+
+def test_bench_gets_greedy_decoding_from_models_that_take_no_sampling_fields(catalog_url, tmp_path, capsys):
+    """claude-opus-5-5 refuses a temperature (sampling_params = false): the bench sends none and
+    gets the model's default decoding, greedy, from the API version that takes none."""
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    for mode in ([], ["--asked-again"]):
+        assert main(["bench", "--url", catalog_url, "--model", "claude-opus-5-5", "--workload", str(wl), *mode,
+                     "--out", str(tmp_path / "out")]) == 0
+        assert json.loads((tmp_path / "out" / "results.json").read_text())["identical_outputs"] == [2, 2]
+    assert main(["bench", "--url", catalog_url, "--model", "claude-opus-5-5", "--prompt-cache", "--rounds", "1",
+                 "--prompt-tokens", "1200", "--out", str(tmp_path / "out")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_fast_requests_served_at_standard_speed_are_counted_and_warned_of(catalog_url, tmp_path, capsys):
+    """claude-opus-4-6's fast mode falls back to standard speed silently (usage.speed says so)."""
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    assert main(["bench", "--url", catalog_url, "--model", "claude-opus-4-6", "--workload", str(wl),
+                 "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["fast_served_standard"] == 2
+    assert "warning: 2 of 2 fast requests were served at standard speed" in capsys.readouterr().err
+
+
+def test_failed_background_streams_end_a_loaded_run_with_an_error(tiny, tmp_path, capsys):
+    """A 429 in the standard lane (2 requests a minute) stops the background load: the run must
+    not go on measuring fast requests against less load than asked, or report it as done."""
+    from test_platform import catalog_server
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    with catalog_server(tiny, limits={"standard": {"requests_per_minute": 2}}) as (url, _):
+        rc = main(["bench", "--url", url, "--model", "claude-opus-5-5", "--workload", str(wl), "--concurrency", "3",
+                   "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and " of 3 background streams failed; the first: " in err and "HTTP 429" in err
+
+
+def test_a_failed_request_cuts_the_run_short_and_keeps_what_it_measured(tiny_server, tmp_path, capsys):
+    url, _ = tiny_server
+    wl = tmp_path / "w.jsonl"
+    wl.write_text(json.dumps({"category": "copy", "max_tokens": 4, "messages": [{"role": "user", "content": "abc"}]})
+                  + "\n" + json.dumps({"category": "bad", "messages": [{"role": "assistant", "content": "x"}]}))
+    assert main(["bench", "--url", url, "--workload", str(wl), "--out", str(tmp_path)]) == 1
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert len(res["samples"]) == 2 and set(res["categories"]) == {"copy"}
+    assert res["cut_short"].startswith("the request for prompt 1 (bad) at fast speed failed: HTTP 400")
+    assert "the run was cut short: the request for prompt 1 (bad) at fast speed" in capsys.readouterr().err
+
+
+def test_ctrl_c_cuts_the_run_short_and_keeps_what_it_measured(tiny_server, tmp_path, monkeypatch, capsys):
+    import signal
+
+    from fastmode.bench import prompt_cache
+    url, _ = tiny_server
+    requests = []
+
+    async def interrupted(*args, **kwargs):
+        requests.append(1)
+        if len(requests) == 4:  # the first round's fast cached request
+            signal.raise_signal(signal.SIGINT)
+        return await one_request(*args, **kwargs)
+
+    monkeypatch.setattr(prompt_cache, "one_request", interrupted)
+    try:
+        rc = main(["bench", "--url", url, "--prompt-cache", "--rounds", "2", "--prompt-tokens", "1200",
+                   "--out", str(tmp_path)])
+    except KeyboardInterrupt:  # not handled: it would end the test session too
+        pytest.fail("Ctrl-C ended the run without writing what it had measured")
+    assert rc == 1
+    res = json.loads((tmp_path / "prompt_cache.json").read_text())
+    assert res["cut_short"] == "interrupted" and len(res["samples"]) == 3 and list(res["speeds"]) == ["standard"]
+    assert "the run was cut short: interrupted" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_written_is_an_error_before_any_request(tmp_path, capsys, monkeypatch):
+    from fastmode.bench import compare
+    monkeypatch.setattr(compare, "fastmode_contenders", lambda *a, **k: pytest.fail("compare loaded a model"))
+    (tmp_path / "file").write_text("")
+    bad = str(tmp_path / "file" / "out")  # a folder in a file, as --out /dev/null/x
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    for mode in (["--url", UNREACHABLE], ["--url", UNREACHABLE, "--prompt-cache"],
+                 ["--compare", "--model", "tiny-random"]):
+        assert main(["bench", *mode, "--workload", str(wl), "--out", bad]) == 2
+        assert f"--out {bad}: cannot write results there: Not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--repeats", "0"], "--repeats"), (["--concurrency", "0"], "--concurrency"),
+    (["--max-tokens", "0"], "--max-tokens"), (["--prompt-cache", "--rounds", "0"], "--rounds"), (["--categories", "copy,nope"], "--categories: 'nope'"),
+    (["--categories", "copy,"], "--categories: an empty name"), (["--compare"], "--compare runs in-process"),
+    (["--concurrency", "2", "--asked-again"], "--asked-again and --concurrency"),
+    (["--prompt-cache", "--asked-again"], "--prompt-cache and --asked-again"),
+    (["--prompt-cache", "--concurrency", "2"], "--prompt-cache and --concurrency"),
+    (["--compare", "--concurrency", "2"], "--compare and --concurrency"),
+    (["--compare", "--prompt-cache"], "--compare and --prompt-cache"),
+    (["--compare", "--asked-again"], "--compare and --asked-again")])
+def test_bad_flags_are_errors_before_anything_runs(flags, named, tmp_path, capsys, monkeypatch):
+    from fastmode.bench import compare
+    monkeypatch.setattr(compare, "run_compare", lambda args: pytest.fail("--compare ran"))
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    assert main(["bench", "--url", UNREACHABLE, "--workload", str(wl), *flags, "--out", str(tmp_path)]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_categories_may_have_spaces_after_commas():
+    assert len(load_workload("fastmode/bench/workloads/dev.jsonl", "qa, writing")) == 6
+
+
+def test_an_undefined_ratio_is_null_in_results_json(tiny_server, tmp_path):
+    """With one output token OTPS is 0 at both speeds: the ratio is undefined, and JSON has no NaN."""
+    url, _ = tiny_server
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    assert main(["bench", "--url", url, "--workload", str(wl), "--max-tokens", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert res["categories"]["copy"]["otps_ratio"] is None
+
+
+def test_asked_again_leaves_no_older_plot_next_to_its_results(tiny_server, tmp_path):
+    url, _ = tiny_server
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    assert main(["bench", "--url", url, "--workload", str(wl), "--max-tokens", "4", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench.png").exists()
+    assert main(["bench", "--url", url, "--workload", str(wl), "--max-tokens", "4", "--asked-again",
+                 "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_model_list_and_key_errors_are_one_line_naming_what_is_wrong(tmp_path, capsys):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse
+    from starlette.routing import Route
+
+    from conftest import serve_asgi
+
+    def models(request):
+        key = request.headers["x-api-key"]
+        if key == "wrong":
+            return JSONResponse({"type": "error", "error": {"type": "authentication_error",
+                                                            "message": "invalid x-api-key"}}, 401)
+        return PlainTextResponse("it works") if key == "text" else JSONResponse({"object": "list"})
+
+    wl = tmp_path / "w.jsonl"
+    write_workload(wl)
+    with serve_asgi(Starlette(routes=[Route("/v1/models", models)])) as url:
+        for key, says in (("wrong", "/v1/models: HTTP 401: "), ("json", "/v1/models lists no model"),
+                          ("text", "/v1/models: the answer is not JSON: 'it works'")):
+            assert main(["bench", "--url", url, "--api-key", key, "--workload", str(wl), "--out", str(tmp_path)]) == 2
+            err = capsys.readouterr().err
+            assert says in err and len(err.strip().splitlines()) == 1, err
+            assert key != "wrong" or "invalid x-api-key" in err  # the server's own message
+
+
+@pytest.mark.parametrize("line", ['"category messages"', "5", "null", '["category", "messages"]'])
+def test_a_workload_line_that_is_not_an_object_is_a_clear_error(line, tmp_path, capsys):
+    wl = tmp_path / "w.jsonl"
+    wl.write_text(line + "\n")
+    assert main(["bench", "--url", UNREACHABLE, "--workload", str(wl), "--out", str(tmp_path)]) == 2
+    assert f"{wl}:1: not a JSON object" in capsys.readouterr().err
+
+
+def test_compare_help_names_both_anchors():
+    import argparse
+
+    from fastmode.bench import compare
+    p = argparse.ArgumentParser()
+    compare.add_arguments(p)
+    text = next(a.help for a in p._actions if a.dest == "compare")
+    assert "llama.cpp" in text and "transformers" in text
 
 
 def test_bench_prompt_cache_measures_cold_and_cached_at_both_speeds(tiny_server, tmp_path):

@@ -274,7 +274,7 @@ def test_stopping_server_ends_running_requests_with_an_overloaded_error_after_it
         other.join(timeout=20)
         assert e.value.body["error"]["type"] == "overloaded_error"
         assert len(plain) == 1 and getattr(plain[0], "status_code", None) == 529
-        assert not state.live
+    assert not state.live  # (once the server is gone: a stream leaves it after its last byte went out)
     rows = state.platform.db.query("SELECT outcome, output_tokens FROM usage")
     assert len(rows) == 2 and all(r["outcome"] == "error" and 0 < r["output_tokens"] < 1900 for r in rows)
     assert state.stopping

@@ -1,8 +1,9 @@
 """`fastmode bench --compare`: decode speed in one process, fastmode's two lanes next to the
-anchors a CPU user compares with: llama.cpp (llama-cpp-python, same GGUF, same threads, with and
-without its prompt-lookup decoding) when it is installed. Every prompt runs every contender in
-turn, the order rotating, so machine noise lands on all of them alike; medians per category.
-Also reports the machine's memory read bandwidth next to what batch-1 decoding streams."""
+anchors a CPU user compares with, those installed: llama.cpp (llama-cpp-python) and Hugging Face
+transformers, each on the same GGUF with the same threads, with and without its prompt-lookup
+decoding. Every prompt runs every contender in turn, the order rotating, so machine noise lands
+on all of them alike; medians per category. Also reports the machine's memory read bandwidth
+next to what batch-1 decoding streams."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from fastmode.bench.runner import WORKLOADS, load_workload
+from fastmode.bench.runner import WORKLOADS, load_workload, writable_out
 from fastmode.config import DTYPES
 
 
@@ -36,7 +37,8 @@ Generate = Callable[[list[int], int], Iterator[int]]  # prompt ids, max tokens -
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true",
-                   help="in-process decode speed: fastmode's lanes vs llama.cpp if installed (no server needed)")
+                   help="in-process decode speed: fastmode's lanes vs llama.cpp and Hugging Face transformers, "
+                   "those installed (no server needed)")
     p.add_argument("--threads", type=int, default=0, help="--compare: threads for every contender (0: all cores)")
     p.add_argument("--page", default=None, help="--compare: also write a benchmarks page (markdown) here")
     p.add_argument("--streams", type=int, default=8,
@@ -318,6 +320,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from fastmode.weights.registry import DEFAULT_MODEL, pull
 
     model = args.model or DEFAULT_MODEL
+    out = writable_out(args.out)  # before minutes of loading and measuring
+    items = load_workload(args.workload, args.categories)
     contenders: dict[str, Generate] = {}
     weights: dict[str, Any] = {}  # configuration suffix -> the loaded model
     batched: dict[str, Callable[[list[list[int]], int], float]] = {}  # suffix -> N streams at once
@@ -337,7 +341,6 @@ def run_compare(args: argparse.Namespace) -> int:
     if gguf.suffix == ".gguf" and on_cpu:  # the anchors run on the CPU
         contenders.update(llama_cpp_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
         contenders.update(transformers_contenders(gguf, args.threads, set(loaded.tokenizer.eos_ids)))
-    items = load_workload(args.workload, args.categories)
     prompts = prompt_ids(loaded.tokenizer, model, items)
     names = list(contenders)
     runs: list[Run] = []
@@ -401,8 +404,6 @@ def run_compare(args: argparse.Namespace) -> int:
     report = {"machine": machine(args.threads, args.device), "model": model, "workload": args.workload, "repeats": args.repeats,
               "read_bandwidth_gbs": bandwidth, "streams": streams, "anchors": anchors,
               "configs": configs, "table": table, "runs": [asdict(r) for r in runs]}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     text = markdown(report, names)
     print(text)

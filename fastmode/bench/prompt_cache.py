@@ -3,16 +3,15 @@ at each speed, over HTTP; also checks that the second speed to see a prompt read
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
-from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from fastmode.bench.runner import Sample, first_model, one_request
+from fastmode.bench.runner import (Sample, api_headers, first_model, json_of, measure, one_request, report_cut,
+                                   served_standard, writable_out, write_json)
 
 VOCAB = ("the", "system", "reads", "a", "long", "report", "about", "river", "trade", "in", "winter", "while",
          "ships", "carry", "grain", "north", "and", "salt", "south", "every", "port", "keeps", "its", "own",
@@ -39,20 +38,16 @@ def item(seed: int, words: int) -> dict[str, Any]:
 
 async def words_for(client: httpx.AsyncClient, args: argparse.Namespace, model: str) -> int:
     """Document length in words that makes the prompt about `--prompt-tokens` tokens long."""
-    headers = {"x-api-key": args.api_key, "anthropic-version": "2023-06-01"}
     probe = item(0, 500)
-    r = await client.post("/v1/messages/count_tokens", headers=headers,
-                          json={"model": model, "system": probe["system"], "messages": probe["messages"]})
-    r.raise_for_status()
-    return max(50, round(500 * args.prompt_tokens / r.json()["input_tokens"]))
+    counted = json_of(await client.post("/v1/messages/count_tokens", headers=api_headers(args), json={
+        "model": model, "system": probe["system"], "messages": probe["messages"]}))
+    return max(50, round(500 * args.prompt_tokens / counted["input_tokens"]))
 
 
-async def run_prompt_cache(args: argparse.Namespace) -> int:
-    samples: list[tuple[int, str, str, Sample]] = []  # (round, speed, cold/warm, sample)
-    async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(600.0)) as client:
-        model = await first_model(client, args)
-        words = await words_for(client, args, model)
-        bar = tqdm(total=args.rounds * 4, desc="prompt cache", unit="req")
+async def run_rounds(client: httpx.AsyncClient, args: argparse.Namespace, model: str, words: int,
+                     samples: list[tuple[int, str, str, Sample]]) -> None:
+    """Measures into `samples` as requests finish, so that a run cut short keeps what it measured."""
+    with tqdm(total=args.rounds * 4, desc="prompt cache", unit="req") as bar:
         for rnd in range(args.rounds):
             # a fresh document each round; which speed sees it first alternates
             seed = random.randrange(1 << 30)
@@ -62,12 +57,22 @@ async def run_prompt_cache(args: argparse.Namespace) -> int:
                     s = await one_request(client, args, model, item(seed, words), speed, rnd)
                     samples.append((rnd, speed, phase, s))
                     bar.update(1)
-        bar.close()
+
+
+async def run_prompt_cache(args: argparse.Namespace) -> int:
+    out = writable_out(args.out)
+    samples: list[tuple[int, str, str, Sample]] = []  # (round, speed, cold/warm, sample)
+    async with httpx.AsyncClient(base_url=args.url, timeout=httpx.Timeout(600.0)) as client:
+        model = await first_model(client, args)
+        words = await words_for(client, args, model)
+        cut = await measure(run_rounds(client, args, model, words, samples), samples)
     result: dict[str, Any] = {"mode": "prompt_cache", "model": model, "rounds": args.rounds, "speeds": {}}
     print(f"{'speed':<10}{'prompt':>8}{'cold TTFT':>11}{'cached TTFT':>13}{'ratio':>8}{'read':>7}")
     for speed in ("standard", "fast"):
         cold = [s for _, sp, ph, s in samples if sp == speed and ph == "cold"]
         warm = [s for _, sp, ph, s in samples if sp == speed and ph == "warm"]
+        if not warm:  # a run cut short before this speed's first cached request
+            continue
         row = {"prompt_tokens": statistics.median(s.cache_created + s.cache_read for s in cold),
                "cold_ttft": statistics.median(s.ttft for s in cold),
                "warm_ttft": statistics.median(s.ttft for s in warm),
@@ -87,9 +92,9 @@ async def run_prompt_cache(args: argparse.Namespace) -> int:
     result["identical_outputs"] = [sum(len(t) == 1 for t in texts.values()), len(texts)]
     print(f"identical greedy outputs cold, cached and at both speeds: {result['identical_outputs'][0]}/{len(texts)} "
           f"documents")
+    result["fast_served_standard"] = served_standard([s for *_, s in samples])
+    result["cut_short"] = cut
     result["samples"] = [{"round": r, "speed": sp, "phase": ph, **s.__dict__} for r, sp, ph, s in samples]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prompt_cache.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "prompt_cache.json", result)
     print(f"results: {out / 'prompt_cache.json'}")
-    return 0
+    return report_cut(cut, out / "prompt_cache.json", samples)
