@@ -157,6 +157,7 @@ def test_ctrl_c_cuts_the_run_short_and_keeps_what_it_measured(tiny_server, tmp_p
     assert rc == 1
     res = json.loads((tmp_path / "prompt_cache.json").read_text())
     assert res["cut_short"] == "interrupted" and len(res["samples"]) == 3 and list(res["speeds"]) == ["standard"]
+    assert res["identical_outputs"] == [0, 0]  # the cut round compared nothing at both speeds
     assert "the run was cut short: interrupted" in capsys.readouterr().err
 
 
@@ -372,3 +373,30 @@ def test_draft_replay_reads_a_compare_report(tmp_path, capsys):
                             "--corpus", str(tmp_path / "c.safetensors")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("policy: echo ") and lines[2].startswith("perfect draft lengths: echo ")
+
+
+def test_an_odd_stream_event_is_a_failed_request_not_a_traceback():
+    """A server whose message_delta has no usage: the request fails by name (so the run keeps
+    what it measured), instead of a KeyError escaping the bench."""
+    import argparse
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from fastmode.bench.runner import RequestFailed
+
+    async def messages(request):
+        return Response('event: message_start\ndata: {"type": "message_start", "message": {"usage": {}}}\n\n'
+                        'event: message_delta\ndata: {"type": "message_delta"}\n\n', media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/messages", messages, methods=["POST"])])
+    args = argparse.Namespace(max_tokens=4, api_key="k", fast_beta=False)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as client:
+            await one_request(client, args, "m", {"category": "qa", "messages": []}, "fast", 3)
+    with pytest.raises(RequestFailed, match=r"prompt 3 \(qa\) at fast speed failed: 'usage'"):
+        asyncio.run(go())
