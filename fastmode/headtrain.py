@@ -264,14 +264,16 @@ def save_all(files: dict[Path, Callable[[Path], None]]) -> None:
     """Write each file beside its place, then rename them all in: a run that fails part way, or
     a server reading them meanwhile, never meets a half-written file or a new corpus beside an
     old head. safetensors makes its files 0600; these get a plain open()'s mode (0666 less the
-    umask), as the package's other files."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask), as the package's other files: read off a file made so, not by setting the
+    process's umask, which every thread shares."""
     tmps = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in files}
     try:
         for path, write in files.items():
+            fd = os.open(tmps[path], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            mode = os.fstat(fd).st_mode & 0o777
+            os.close(fd)
             write(tmps[path])
-            tmps[path].chmod(0o666 & ~umask)
+            tmps[path].chmod(mode)
         for path, tmp in tmps.items():
             os.replace(tmp, path)
     finally:
