@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError, sqlite3.Error) as e:
         print(f"fastmode: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in a long command (pull, train-head, bench's start): no traceback
+        print("fastmode: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -35,6 +35,17 @@ def test_cli_parses_the_documented_commands():
     assert b.concurrency == 8 and b.workload.endswith("dev.jsonl")
 
 
+def test_ctrl_c_in_a_long_command_is_a_line_and_status_130_not_a_traceback(monkeypatch, capsys):
+    from fastmode import cli
+    from fastmode.weights import registry
+
+    def interrupted(name, quiet=False):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(registry, "pull", interrupted)
+    assert cli.main(["pull"]) == 130
+    assert capsys.readouterr().err.strip() == "fastmode: interrupted"
+
+
 def test_legacy_api_keys_variable_refuses_to_start(monkeypatch, capsys):
     from fastmode.cli import main
 
