@@ -145,7 +145,7 @@ def test_breakpoints_fall_where_their_blocks_end_with_the_real_tokenizer():
             "tools": [{"name": "get_weather", "input_schema": {"type": "object"}, "cache_control": cc}],
             "messages": [{"role": "user", "content": [{"type": "text", "text": blocks["first"], "cache_control": cc},
                                                       {"type": "text", "text": blocks["second"], "cache_control": cc}]}]}
-    ids, spec = _prompt(parse_messages_request(body, "2023-06-01"), backend, "org", 1, 8192, DEFAULT_MODEL)
+    ids, spec = _prompt(parse_messages_request(body, "2023-06-01"), backend, "org", 1, 8192)
     tok = backend.loaded.tokenizer
     positions = [b.position for b in spec.breakpoints]
     assert len(positions) == 4 and positions == sorted(positions) and positions[-1] < len(ids)

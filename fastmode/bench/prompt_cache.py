@@ -86,11 +86,11 @@ async def run_prompt_cache(args: argparse.Namespace) -> int:
     crossed = [s for rnd, sp, ph, s in samples if ph == "cold" and sp == ("fast" if rnd % 2 == 0 else "standard")]
     result["cross_speed_reads"] = [s.cache_read for s in crossed]
     print(f"cached tokens read by the first request at the other speed: {result['cross_speed_reads']} (must be 0)")
-    texts: dict[int, set[str]] = {}
-    for rnd in {rnd for rnd, *_ in samples}:  # complete rounds only: a round cut short compares less
-        outputs = [s.text for r, *_, s in samples if r == rnd]
-        if len(outputs) == 4:  # cold and cached at both speeds
-            texts[rnd] = set(outputs)
+    outputs: dict[int, list[str]] = {}
+    for rnd, *_, s in samples:
+        outputs.setdefault(rnd, []).append(s.text)
+    # complete rounds only (cold and cached at both speeds): a round cut short compares less
+    texts = {rnd: set(t) for rnd, t in outputs.items() if len(t) == 4}
     result["identical_outputs"] = [sum(len(t) == 1 for t in texts.values()), len(texts)]
     print(f"identical greedy outputs cold, cached and at both speeds: {result['identical_outputs'][0]}/{len(texts)} "
           f"documents")

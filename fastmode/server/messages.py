@@ -81,7 +81,7 @@ def resolve_model(state: ServerState, name: str, patterns: bool = True) -> Model
 
 
 def _prompt(req: MessagesRequest, backend: Backend, namespace: str, min_cacheable: int,
-            window: int, model: str, for_count: bool = False) -> tuple[list[int], CacheSpec | None]:
+            window: int, for_count: bool = False) -> tuple[list[int], CacheSpec | None]:
     """Render and tokenize, and place the cache breakpoints (CPU work: callers run it off the
     event loop). A text too long for the context window whatever its tokens is refused before
     tokenizing (a body of megabytes would otherwise hold the interpreter for seconds); a count
@@ -98,10 +98,10 @@ def _prompt(req: MessagesRequest, backend: Backend, namespace: str, min_cacheabl
     least = tok.min_tokens(text)
     if for_count and least >= COUNT_LIMIT * window:
         raise InvalidRequest(f"prompt is too long to count: at least {least} tokens >= {COUNT_LIMIT * window}, "
-                             f"{COUNT_LIMIT} times the context window of {model}")
+                             f"{COUNT_LIMIT} times the context window of {req.model}")
     if not for_count and least >= window:
         raise InvalidRequest(f"prompt is too long: at least {least} tokens >= {window} maximum (the context "
-                             f"window of {model})")
+                             f"window of {req.model})")
     ids, ends = tok.encode_with_ends(text)
     bos = int(tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id))
     if bos:
@@ -129,7 +129,7 @@ async def prepare(state: ServerState, body: Any, version: str, beta: set[str], o
     namespace = f"{org.id}\0{entry.id}"
     window = state.context_window(entry)
     ids, cache = await run_in_threadpool(_prompt, req, backend, namespace, entry.min_cacheable_tokens, window,
-                                         req.model, for_count)
+                                         for_count)
     if not for_count:
         if len(ids) >= window:
             raise InvalidRequest(f"prompt is too long: {len(ids)} tokens >= {window} maximum "
